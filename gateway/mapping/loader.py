@@ -1,0 +1,533 @@
+"""Load the mapping directory: discover, parse, validate, cross-check; report every problem at once.
+
+Steps, per file, in name order (``*.yaml`` and ``*.yml``, not recursive, dot-files skipped):
+
+1. parse with :func:`gateway.yamlfile.load` (syntax errors and duplicate keys are located);
+2. validate against :class:`~gateway.mapping.spec.MappingSpec` (shape, types, patterns);
+3. lint what the schema cannot see: references to signals and attributes of the file, the
+   connection of each signal (known, of the protocol of its address block, and of a protocol
+   this version can read), deadbands on numeric signals only.
+
+Then across files: every subject is used by one file only, and one ``(connection, tag)`` is
+read with one set of address settings (the source reads each address once).
+
+Binding the same ``(connection, tag)`` to several signals, in one file or in several, is
+allowed: each binding is updated from the same readings.
+
+Every finding of every file is collected and :class:`~gateway.errors.ConfigError` is raised once,
+each finding located as ``file:line:col path``; nothing is returned unless all files are valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Tag, ValidationError
+
+from gateway import yamlfile
+from gateway.errors import ConfigError, Finding
+from gateway.mapping import spec
+from gateway.mapping.spec import MappingSpec, SignalSpec
+
+SUFFIXES = (".yaml", ".yml")
+SUPPORTED_PROTOCOLS = frozenset({"mqtt"})
+"""Protocols whose sources exist in this version; signals on other connections are refused."""
+PROTOCOL_TITLES = {"mqtt": "MQTT", "opcua": "OPC UA", "modbus": "Modbus"}
+
+_M = TypeVar("_M", bound=BaseModel)
+
+_PATTERN_WORDS = {
+    spec.NAME_PATTERN: "expected a lower-case snake_case name ([a-z][a-z0-9_]*)",
+    spec.CONNECTION_PATTERN: "expected a connection name (lower-case snake_case, 1-63 characters)",
+    spec.FIELD_PATTERN: "expected an identifier (a letter, then letters, digits or _)",
+    spec.EVENT_TYPE_PATTERN: "expected <domain>.<EventName>.v<major>, "
+    "e.g. production.MachineStateChanged.v1",
+    spec.SUBJECT_PATTERN: "expected a slash-separated asset path such as "
+    "acme/plant1/stamping/line2/press07 (no blanks, no empty segment)",
+    spec.URI_PATTERN: "expected an absolute URI such as https://schemas.example.com/x.json",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MappingFile:
+    """A validated mapping file and where it came from."""
+
+    path: Path
+    """The file, as found in the mapping directory (used in messages)."""
+    spec: MappingSpec
+    """Its validated content."""
+
+    @property
+    def subject(self) -> str:
+        """The asset subject of the file."""
+        return self.spec.asset.subject
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """A file that passed its own checks, kept with its positions for the cross-file checks."""
+
+    file: MappingFile
+    located: yamlfile.Located
+
+
+def load_mappings(directory: Path, connections: Mapping[str, str]) -> list[MappingFile]:
+    """Load and check every mapping file in ``directory``.
+
+    Args:
+        directory: The mapping directory (``mappings.directory`` of the gateway config).
+        connections: Connection name -> protocol (``mqtt``, ``opcua``, ``modbus``) of the
+            gateway config.
+
+    Returns:
+        The valid files, in file-name order.
+
+    Raises:
+        ConfigError: with every finding of every file, when anything is wrong (including a
+            missing or empty directory).
+    """
+    paths = discover(directory)
+    findings: list[Finding] = []
+    loaded: list[_Loaded] = []
+    for path in paths:
+        one, problems = _load_file(path, connections)
+        findings += sorted(problems, key=lambda f: (f.line or 0, f.column or 0))
+        if one is not None:
+            loaded.append(one)
+    findings += _lint_across(loaded)
+    if findings:
+        raise ConfigError(findings)
+    return [one.file for one in loaded]
+
+
+def discover(directory: Path) -> list[Path]:
+    """The mapping files of ``directory``, sorted by name.
+
+    Raises:
+        ConfigError: if the directory is missing, not a directory, or holds no mapping file.
+    """
+    if not directory.exists():
+        raise _directory_error(
+            directory,
+            "mapping directory does not exist (set mappings.directory in the gateway config)",
+        )
+    if not directory.is_dir():
+        raise _directory_error(directory, "expected a directory of mapping files, found a file")
+    paths = sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix in SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+    if not paths:
+        raise _directory_error(
+            directory,
+            "no mapping files (*.yaml, *.yml) in this directory; the gateway would have nothing to map",
+        )
+    return paths
+
+
+def _directory_error(directory: Path, message: str) -> ConfigError:
+    return ConfigError([Finding(str(directory), None, None, "", message)])
+
+
+def _load_file(path: Path, connections: Mapping[str, str]) -> tuple[_Loaded | None, list[Finding]]:
+    try:
+        data, located = yamlfile.load(path)
+    except ConfigError as exc:
+        return None, list(exc.findings)
+    if data is None:
+        return None, [
+            located.finding(
+                [], "file is empty; expected a mapping file (version, asset, signals, events)"
+            )
+        ]
+    if not isinstance(data, dict):
+        return None, [
+            located.finding(
+                [], f"expected a mapping of version, asset, signals and events, found {_kind(data)}"
+            )
+        ]
+    try:
+        parsed = MappingSpec.model_validate(data)
+    except ValidationError as exc:
+        # Lint the parts that are valid on their own too: all problems in one round.
+        problems = _schema_findings(exc, located, data)
+        return None, problems + _lint_view(_View.partial(data), located, connections)
+    problems = lint(parsed, located, connections)
+    return _Loaded(MappingFile(path, parsed), located), problems
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__} ({value!r})"
+
+
+# --- schema errors -------------------------------------------------------------------------
+
+
+def _schema_findings(exc: ValidationError, located: yamlfile.Located, data: Any) -> list[Finding]:
+    errors = exc.errors(include_url=False)
+    misspelt = _misspelt_keys(errors, data)
+    out: list[Finding] = []
+    for err in errors:
+        raw = list(err["loc"])
+        loc = clean_loc(raw, data)
+        if err["type"] == "missing" and tuple(loc) in misspelt:
+            continue  # "unknown key 'triger' (did you mean 'trigger'?)" says it already
+        # Scalars are located at the value; mappings (a whole block is wrong) and keys at the key.
+        at_value = err["type"] != "extra_forbidden" and not isinstance(err.get("input"), dict)
+        finding = located.finding(loc, describe(err, raw), at_value=at_value)
+        if finding not in out:
+            out.append(finding)
+    return out
+
+
+def _misspelt_keys(errors: Sequence[Any], data: Any) -> set[tuple[str | int, ...]]:
+    """Paths of missing keys that an unknown key next to them is a misspelling of."""
+    out: set[tuple[str | int, ...]] = set()
+    missing = {tuple(clean_loc(e["loc"], data)) for e in errors if e["type"] == "missing"}
+    for err in errors:
+        if err["type"] != "extra_forbidden":
+            continue
+        loc = clean_loc(err["loc"], data)
+        for candidate in missing:
+            if list(candidate[:-1]) == loc[:-1] and _did_you_mean(loc[-1], [str(candidate[-1])]):
+                out.add(candidate)
+    return out
+
+
+def clean_loc(loc: Sequence[Any], data: Any) -> list[str | int]:
+    """The YAML path of a pydantic error location: union tags and ``[key]`` markers removed.
+
+    pydantic inserts a tag after a tagged-union field (``trigger.on_change.signal``,
+    ``data.x.signal-source.signal``). Walking the data tells the two apart: a part that is not a
+    key of the node it applies to, and is not the last part, is a tag; so is anything below a
+    scalar.
+    """
+    out: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and "[" in part:
+            continue
+        if isinstance(node, dict):
+            if part in node:
+                node = node[part]
+            elif i != len(loc) - 1:
+                continue
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            break
+        out.append(part)
+    return out
+
+
+def describe(err: Any, raw_loc: Sequence[Any] = ()) -> str:
+    """A human sentence for one pydantic error: what was expected, what was found."""
+    kind = err["type"]
+    got = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return _unknown_key(raw_loc)
+    if kind == "missing":
+        return f"required key '{raw_loc[-1]}' is missing" if raw_loc else "required key is missing"
+    if kind == "literal_error":
+        options = re.findall(r"'([^']*)'", str(ctx.get("expected", ""))) or [
+            str(ctx.get("expected"))
+        ]
+        return f"expected one of {', '.join(options)}; got {got!r}{_did_you_mean(got, options)}"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") in _PATTERN_WORDS:
+        return f"{_PATTERN_WORDS[ctx['pattern']]}; got {got!r}"
+    if kind == "union_tag_invalid":
+        tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+        name = str(ctx.get("discriminator", "kind")).strip("'")
+        return (
+            f"unknown {name} {ctx.get('tag')!r}; expected one of {', '.join(tags)}"
+            + _did_you_mean(ctx.get("tag"), tags)
+        )
+    if kind == "union_tag_not_found":
+        return f"required key {ctx.get('discriminator', 'kind')} is missing"
+    if kind == "value_error":  # our validators' sentences are complete
+        return str(err["msg"]).removeprefix("Value error, ")
+    if kind == "data_source":
+        found = (
+            f"found keys {', '.join(map(str, got))}" if isinstance(got, dict) else f"got {got!r}"
+        )
+        return f"{err['msg']} (e.g. {{signal: state}}); {found}"
+    return yamlfile.describe(err)
+
+
+def _unknown_key(raw_loc: Sequence[Any]) -> str:
+    key = str(raw_loc[-1]) if raw_loc else "?"
+    model = _model_at(raw_loc[:-1])
+    if model is None:
+        return f"unknown key '{key}'"
+    allowed = list(model.model_fields)
+    return f"unknown key '{key}'{_did_you_mean(key, allowed)}; allowed here: {', '.join(allowed)}"
+
+
+def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The spec model that validates the node at the raw pydantic ``loc``."""
+    tp: Any = MappingSpec
+    for part in loc:
+        tp = _child(_unwrap(tp), part)
+        if tp is None:
+            return None
+    tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _child(tp: Any, part: Any) -> Any:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(part) if isinstance(part, str) else None
+        return tp if field is None else field.annotation  # not a field: a union tag
+    if typing.get_origin(tp) is dict:
+        return typing.get_args(tp)[1]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for member in typing.get_args(tp):
+            if _tag_of(member) == part:
+                return member
+    return None
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        members = [m for m in typing.get_args(tp) if _unwrap(m) is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])
+    return tp
+
+
+def _tag_of(member: Any) -> str | None:
+    if typing.get_origin(member) is typing.Annotated:
+        for meta in typing.get_args(member)[1:]:
+            if isinstance(meta, Tag):
+                return meta.tag
+    return None
+
+
+def _did_you_mean(word: Any, options: Iterable[str]) -> str:
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# --- semantic lint of one file -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """What the lint needs of a file: its valid parts, and every declared name.
+
+    ``signals`` maps every declared signal name to its spec, or to None when that signal is
+    itself invalid (already reported), so references to it are not reported a second time.
+    ``signals`` or ``attributes`` is None when its whole section is unusable (already reported):
+    references into it are then not checked.
+    """
+
+    signals: Mapping[str, SignalSpec | None] | None
+    attributes: Collection[str] | None
+    events: Mapping[str, spec.EventSpec | None]
+
+    @classmethod
+    def of(cls, parsed: MappingSpec) -> _View:
+        return cls(parsed.signals, parsed.asset.attributes, parsed.events)
+
+    @classmethod
+    def partial(cls, data: dict[str, Any]) -> _View:
+        """The parts of a file that failed validation which are valid on their own."""
+        asset = data.get("asset")
+        attributes = asset.get("attributes", {}) if isinstance(asset, dict) else None
+        signals = data.get("signals")
+        return cls(
+            _each_valid(signals, SignalSpec, keep_invalid=True)
+            if isinstance(signals, dict)
+            else None,
+            list(attributes) if isinstance(attributes, dict) else None,
+            _each_valid(data.get("events"), spec.EventSpec, keep_invalid=False),
+        )
+
+
+def _each_valid(section: Any, model: type[_M], *, keep_invalid: bool) -> dict[str, _M | None]:
+    out: dict[str, _M | None] = {}
+    for name, raw in section.items() if isinstance(section, dict) else ():
+        try:
+            out[str(name)] = model.model_validate(raw)
+        except ValidationError:
+            if keep_invalid:
+                out[str(name)] = None
+    return out
+
+
+def lint(
+    parsed: MappingSpec, located: yamlfile.Located, connections: Mapping[str, str]
+) -> list[Finding]:
+    """Cross-reference checks of one valid file against itself and the gateway's connections."""
+    return _lint_view(_View.of(parsed), located, connections)
+
+
+def _lint_view(
+    view: _View, located: yamlfile.Located, connections: Mapping[str, str]
+) -> list[Finding]:
+    out: list[Finding] = []
+    for name, signal in (view.signals or {}).items():
+        if signal is not None:
+            out += _lint_connection(name, signal, located, connections)
+    for event_id, event in view.events.items():
+        if event is not None:
+            out += _lint_event(view, event_id, event, located)
+    return out
+
+
+def _lint_connection(
+    name: str, signal: SignalSpec, located: yamlfile.Located, connections: Mapping[str, str]
+) -> list[Finding]:
+    path = ["signals", name, "connection"]
+    conn = signal.connection
+    if conn not in connections:
+        known = ", ".join(sorted(connections)) or "none are configured"
+        message = (
+            f"unknown connection '{conn}'{_did_you_mean(conn, connections)}; "
+            f"connections of the gateway config: {known}"
+        )
+        return [located.finding(path, message, at_value=True)]
+    protocol = connections[conn]
+    if protocol not in SUPPORTED_PROTOCOLS:
+        title = PROTOCOL_TITLES.get(protocol, protocol)
+        supported = ", ".join(sorted(SUPPORTED_PROTOCOLS))
+        message = (
+            f"connection '{conn}' uses {title}: {title} sources arrive in a later "
+            f"release; only {supported} connections can be mapped in this version"
+        )
+        return [located.finding(path, message, at_value=True)]
+    if signal.protocol != protocol:
+        message = (
+            f"connection '{conn}' is a {protocol} connection but this signal has a "
+            f"'{signal.protocol}' address block; use a '{protocol}' block"
+        )
+        return [located.finding(["signals", name, signal.protocol], message)]
+    return []
+
+
+def _lint_event(
+    view: _View, event_id: str, event: spec.EventSpec, located: yamlfile.Located
+) -> list[Finding]:
+    base: list[str | int] = ["events", event_id]
+    trigger = event.trigger
+    out = _check_signal(view, trigger.signal, [*base, "trigger", "signal"], located)
+    signal = (view.signals or {}).get(trigger.signal)
+    if (
+        trigger.deadband is not None
+        and signal is not None
+        and signal.type not in spec.NUMERIC_TYPES
+    ):
+        out.append(
+            located.finding(
+                [*base, "trigger", "deadband"],
+                f"a deadband needs a numeric (float or integer) signal; "
+                f"'{trigger.signal}' is of type {signal.type}",
+            )
+        )
+    for field, source in event.data.items():
+        where: list[str | int] = [*base, "data", field]
+        if isinstance(source, spec.AttributeSource):
+            out += _check_attribute(view, source.attribute, [*where, "attribute"], located)
+        elif isinstance(source, spec.SignalSource):
+            out += _check_signal(view, source.signal, [*where, "signal"], located)
+        elif isinstance(source, spec.PreviousSource):
+            out += _check_signal(view, source.previous, [*where, "previous"], located)
+        elif isinstance(source, spec.QualitySource):
+            out += _check_signal(view, source.quality, [*where, "quality"], located)
+    return out
+
+
+def _check_signal(
+    view: _View, name: str, path: list[str | int], located: yamlfile.Located
+) -> list[Finding]:
+    if view.signals is None or name in view.signals:
+        return []
+    known = ", ".join(view.signals) or "none"
+    message = (
+        f"unknown signal '{name}'{_did_you_mean(name, view.signals)}; signals of this file: {known}"
+    )
+    return [located.finding(path, message, at_value=True)]
+
+
+def _check_attribute(
+    view: _View, name: str, path: list[str | int], located: yamlfile.Located
+) -> list[Finding]:
+    if view.attributes is None or name in view.attributes:
+        return []
+    known = ", ".join(view.attributes) or "none (asset.attributes is empty)"
+    message = (
+        f"unknown attribute '{name}'{_did_you_mean(name, view.attributes)}; "
+        f"attributes of this asset: {known}"
+    )
+    return [located.finding(path, message, at_value=True)]
+
+
+# --- checks across files -------------------------------------------------------------------
+
+
+def _lint_across(loaded: Sequence[_Loaded]) -> list[Finding]:
+    out: list[Finding] = []
+    subjects: dict[str, str] = {}
+    addresses: dict[tuple[str, str], tuple[str, spec.Address]] = {}
+    for one in loaded:
+        subject = one.file.subject
+        here = _where(one.located, ["asset", "subject"], value=True)
+        if subject in subjects:
+            out.append(
+                one.located.finding(
+                    ["asset", "subject"],
+                    f"subject '{subject}' is already mapped by {subjects[subject]}; "
+                    f"one asset, one mapping file (merge the files or fix a subject)",
+                    at_value=True,
+                )
+            )
+        else:
+            subjects[subject] = here
+        out += _address_conflicts(one, addresses)
+    return out
+
+
+def _address_conflicts(
+    one: _Loaded, seen: dict[tuple[str, str], tuple[str, spec.Address]]
+) -> list[Finding]:
+    """One address, one way to read it: the same tag with other settings is a conflict."""
+    out: list[Finding] = []
+    for name, signal in one.file.spec.signals.items():
+        address = signal.address
+        key = (signal.connection, address.tag)
+        path: list[str | int] = ["signals", name, signal.protocol]
+        if key not in seen:
+            seen[key] = (_where(one.located, path) + f" signals.{name}", address)
+            continue
+        first_where, first = seen[key]
+        if first != address:
+            mine, theirs = address.model_dump(), first.model_dump()
+            differ = ", ".join(k for k in mine if mine[k] != theirs[k])
+            out.append(
+                one.located.finding(
+                    path,
+                    f"reads the same address as {first_where} with other settings ({differ}); "
+                    f"an address is read one way: make them agree",
+                )
+            )
+    return out
+
+
+def _where(located: yamlfile.Located, path: Sequence[str | int], *, value: bool = False) -> str:
+    line, col = located.value_position(path) if value else located.position(path)
+    return f"{located.file}:{line}:{col}"
