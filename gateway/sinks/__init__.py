@@ -1,0 +1,1 @@
+"""Sinks: where buffered events go (``kafka``)."""
