@@ -1,0 +1,1 @@
+"""The daemon: wiring, supervision, the ingest pipeline and the health endpoint."""

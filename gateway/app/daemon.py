@@ -1,0 +1,213 @@
+"""``digispine-gateway run``: wire sources -> mapper -> buffer -> forwarder and supervise them.
+
+Start order (Telegraf's agent, Vector's topology): settings and mappings are validated before
+anything starts (exit 78 on any finding); the buffer opens (events left from the last run are
+forwarded first); the forwarder starts (it waits for Kafka on its own); the pipeline starts;
+the sources start last. Then systemd hears ``READY=1``.
+
+Stop order (SIGTERM, SIGINT): sources stop (nothing new is accepted), the pipeline drains what
+is queued into the buffer and acknowledges it upstream, the forwarder gets a bounded deadline to
+hand what it can to Kafka, the buffer closes. What Kafka did not take stays on disk for the next
+start. Exit code 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from typing import Any
+
+from gateway import __version__, logs
+from gateway.app.health import HealthServer, sd_notify
+from gateway.app.pipeline import Pipeline
+from gateway.app.supervisor import State, Supervisor
+from gateway.buffer.disk import DiskBuffer
+from gateway.errors import ConfigError, Finding
+from gateway.mapping.engine import Mapper
+from gateway.mapping.loader import MappingFile
+from gateway.metrics import Metrics
+from gateway.model import EventIds
+from gateway.settings import GatewaySettings
+from gateway.sinks.kafka import KafkaForwarder
+from gateway.sources.base import Source
+from gateway.sources.mqtt import MqttConnectionConfig, MqttSource
+
+SHUTDOWN_FLUSH_S = 10.0
+
+
+def build_sources(settings: GatewaySettings, mapper: Mapper, metrics: Metrics) -> list[Source]:
+    """One source per connection that mapping files read from."""
+    sources: list[Source] = []
+    for name, addresses in sorted(mapper.bindings().items()):
+        conn = settings.connections[name]
+        if isinstance(conn, MqttConnectionConfig):
+            client_id = conn.client_id or f"{settings.gateway.id}-{name}"
+            sources.append(MqttSource(name, conn, addresses, client_id, metrics))
+        else:  # the mapping loader refuses these already; keep the daemon honest regardless
+            raise ConfigError([Finding("config", None, None, f"connections.{name}",
+                                       f"protocol {conn.protocol} has no source in this version")])
+    return sources
+
+
+class Daemon:
+    """The running gateway."""
+
+    def __init__(self, settings: GatewaySettings, mapping_files: list[MappingFile]) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.mapper = Mapper(mapping_files, settings.gateway.id, EventIds())
+        self.buffer = DiskBuffer(settings.buffer, self.metrics)
+        self.forwarder = KafkaForwarder(settings.kafka, self.buffer, settings.gateway.id, self.metrics)
+        self.pipeline = Pipeline(self.mapper, self.buffer, self.metrics,
+                                 max_batch_events=settings.buffer.max_batch_events)
+        self.sources = build_sources(settings, self.mapper, self.metrics)
+        self.supervisor = Supervisor(self.metrics)
+        self.metrics.gauge("mapping_conversion_errors", lambda: float(self.mapper.conversion_errors),
+                           "Readings whose value did not convert to the signal's type (since start)")
+        self.metrics.gauge("mapping_unmatched_signals", lambda: float(self.mapper.unmatched),
+                           "Readings no mapping file binds (since start)")
+        self.started = time.time()
+        self._core: list[asyncio.Task[None]] = []
+        self._log = logs.get("daemon")
+        for name in settings.connections:
+            if name not in {s.name for s in self.sources}:
+                self._log.warning("connection.unused", connection=name)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down in order."""
+        await self.buffer.open()
+        self._log.info("daemon.starting", version=__version__, gateway_id=self.settings.gateway.id,
+                       sources=[s.name for s in self.sources], buffered=self.buffer.pending_events)
+        forwarder = asyncio.create_task(self.forwarder.run(), name="forwarder")
+        pipeline = asyncio.create_task(self.pipeline.run(), name="pipeline")
+        self._core = [forwarder, pipeline]
+        sources = [
+            asyncio.create_task(self._supervise_source(s), name=f"source:{s.name}")
+            for s in self.sources
+        ]
+        health = await self._start_health()
+        helpers = [asyncio.create_task(self._stats_loop()), asyncio.create_task(self._watchdog_loop())]
+        sd_notify(f"READY=1\nSTATUS=forwarding; {len(self.sources)} source(s)")
+        self._log.info("daemon.ready")
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopper, *self._core], return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in self._core if t.done()]
+        sd_notify("STOPPING=1")
+        self._log.info("daemon.stopping")
+        await _cancel(sources + helpers + [stopper])
+        drained = await self.pipeline.drain() if not pipeline.done() else 0
+        await _cancel([pipeline, forwarder])
+        delivered = await self.forwarder.drain(SHUTDOWN_FLUSH_S)
+        if health is not None:
+            await health.stop()
+        await self.buffer.close()
+        self._log.info("daemon.stopped", drained_deliveries=drained, delivered_at_stop=delivered,
+                       left_in_buffer=self.buffer.pending_events)
+        for task in crashed:
+            task.result()  # re-raise a core component's crash: exit non-zero, systemd restarts
+
+    async def _supervise_source(self, source: Source) -> None:
+        conn = self.settings.connections[source.name]
+        await self.supervisor.supervise(
+            source.name, conn.protocol, lambda: source.run(self.pipeline.emit),
+            min_backoff_s=getattr(conn, "reconnect_min_s", None),
+            max_backoff_s=getattr(conn, "reconnect_max_s", None),
+        )
+
+    async def _start_health(self) -> HealthServer | None:
+        if not self.settings.health.listen:
+            return None
+        server = HealthServer(self.settings.health.listen, self.status, self.metrics)
+        try:
+            await server.start()
+        except OSError as exc:
+            self._log.error("health.listen_failed", address=self.settings.health.listen, error=str(exc))
+            return None
+        return server
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        """Health: core tasks alive = healthy; a source or Kafka down = degraded (still healthy,
+        the buffer absorbs it)."""
+        core_ok = bool(self._core) and not any(t.done() for t in self._core)
+        sources = {
+            name: {"state": c.state.value, "since": c.since, "last_error": c.last_error,
+                   "restarts": c.restarts}
+            for name, c in self.supervisor.components.items()
+        }
+        degraded = not self.forwarder.connected or any(
+            c.state != State.RUNNING for c in self.supervisor.components.values())
+        status = "down" if not core_ok else ("degraded" if degraded else "ok")
+        return core_ok, {
+            "status": status,
+            "gateway_id": self.settings.gateway.id,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 1),
+            "sources": sources,
+            "kafka": {"connected": self.forwarder.connected,
+                      "last_ack_time": self.forwarder.last_ack_time},
+            "buffer": {"pending_events": self.buffer.pending_events,
+                       "pending_bytes": self.buffer.pending_bytes},
+            "counters": self.metrics.snapshot(),
+        }
+
+    async def _stats_loop(self) -> None:
+        interval = self.settings.logging.stats_interval_s
+        if interval <= 0:
+            return
+        log = logs.get("stats")
+        last = self.metrics.snapshot()
+        while True:
+            await asyncio.sleep(interval)
+            now = self.metrics.snapshot()
+            log.info("gateway.stats", interval_s=interval,
+                     signals_per_s=_rate(now, last, "signals_mapped_total", interval),
+                     events_per_s=_rate(now, last, "events_mapped_total", interval),
+                     forwarded_per_s=_rate(now, last, "events_forwarded_total", interval),
+                     buffered=self.buffer.pending_events,
+                     dropped_total=now.get("events_dropped_total", 0))
+            last = now
+
+    async def _watchdog_loop(self) -> None:
+        usec = os.environ.get("WATCHDOG_USEC")
+        if not usec:
+            return
+        period = int(usec) / 1_000_000 / 2
+        while True:
+            if self.status()[0]:
+                sd_notify("WATCHDOG=1")
+            await asyncio.sleep(period)
+
+
+def _rate(now: dict[str, float], last: dict[str, float], key: str, interval: float) -> float:
+    return round((now.get(key, 0) - last.get(key, 0)) / interval, 1)
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+
+
+async def serve(settings: GatewaySettings, mapping_files: list[MappingFile]) -> None:
+    """Run the daemon with SIGTERM/SIGINT wired to a clean stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    daemon = Daemon(settings, mapping_files)
+    await daemon.run(stop)
+
+
+def run_loop(main: Any) -> None:
+    """uvloop when available, the standard loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -1,0 +1,122 @@
+"""The ingest pipeline: source deliveries -> mapper -> durable buffer -> upstream acknowledgements.
+
+Ordering and acknowledgement rules (the invariants the rest of the gateway relies on):
+
+- Deliveries are processed strictly in arrival order, in batches (group commit): the pipeline
+  takes whatever is queued, up to ``max_batch_events`` signals, maps it, and appends all
+  resulting events to the buffer in one transaction.
+- Only when that append has returned (durable per the buffer's sync mode) are the batch's
+  ``Delivery.ack`` callbacks called, in order. A delivery that produced no event is
+  acknowledged too, after the events of the deliveries before it.
+- If the append fails (disk full, I/O error) nothing is acknowledged: the batch is retried with
+  backoff and the sources are held back by the bounded queue, so upstream peers keep the data.
+- A mapping bug on one signal never stops the stream: it is counted, logged and the signal is
+  dropped (reason ``mapping_error``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+from gateway import logs
+from gateway.buffer.disk import DiskBuffer
+from gateway.mapping.engine import Mapper
+from gateway.metrics import Metrics
+from gateway.model import DomainEvent
+from gateway.sources.base import Delivery
+
+
+class Pipeline:
+    """Maps deliveries and appends the events durably before acknowledging upstream."""
+
+    def __init__(self, mapper: Mapper, buffer: DiskBuffer, metrics: Metrics, *,
+                 max_batch_events: int = 2000, queue_deliveries: int = 10_000) -> None:
+        self.mapper = mapper
+        self.buffer = buffer
+        self.metrics = metrics
+        self.max_batch_events = max_batch_events
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue(queue_deliveries)
+        self._log = logs.get("pipeline")
+        self._failing_since: float | None = None
+        self.last_append_time: float | None = None
+        metrics.gauge("pipeline_queued_deliveries", lambda: float(self._queue.qsize()),
+                      "Deliveries received from sources and not yet buffered")
+
+    async def emit(self, delivery: Delivery) -> None:
+        """The sources' hand-off; waits while the queue is full (backpressure)."""
+        await self._queue.put(delivery)
+
+    async def run(self) -> None:
+        """Process deliveries until cancelled."""
+        while True:
+            batch = [await self._queue.get()]
+            self._take_more(batch)
+            await self._process(batch)
+
+    async def drain(self) -> int:
+        """Process whatever is queued now (used at shutdown, after the sources stopped)."""
+        done = 0
+        while not self._queue.empty():
+            batch: list[Delivery] = []
+            self._take_more(batch)
+            await self._process(batch)
+            done += len(batch)
+        return done
+
+    def _take_more(self, batch: list[Delivery]) -> None:
+        signals = sum(len(d.signals) for d in batch)
+        while signals < self.max_batch_events and not self._queue.empty():
+            d = self._queue.get_nowait()
+            batch.append(d)
+            signals += len(d.signals)
+
+    async def _process(self, batch: Sequence[Delivery]) -> None:
+        events = self._map(batch)
+        if events:
+            await self._append(events)
+        for d in batch:
+            if d.ack is not None:
+                try:
+                    d.ack()
+                except Exception:  # a broken upstream connection: it will redeliver
+                    self.metrics.inc("ack_errors_total")
+                    self._log.warning("pipeline.ack_failed", exc_info=True)
+
+    def _map(self, batch: Sequence[Delivery]) -> list[DomainEvent]:
+        events: list[DomainEvent] = []
+        map_one: Callable[..., list[DomainEvent]] = self.mapper.map
+        n = 0
+        for d in batch:
+            for s in d.signals:
+                n += 1
+                try:
+                    events.extend(map_one(s))
+                except Exception:
+                    self.metrics.inc("events_dropped_total", reason="mapping_error")
+                    self._log.exception("pipeline.mapping_error", connection=s.connection, tag=s.tag)
+        self.metrics.inc("signals_mapped_total", n)
+        self.metrics.inc("events_mapped_total", len(events))
+        return events
+
+    async def _append(self, events: list[DomainEvent]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.buffer.append(events)
+            except Exception as exc:  # disk full, I/O error: hold everything, nothing is acked
+                if self._failing_since is None:
+                    self._failing_since = time.time()
+                    self._log.error("pipeline.buffer_append_failed", error=str(exc),
+                                    events=len(events), retry_in_s=delay)
+                self.metrics.inc("buffer_append_errors_total")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if self._failing_since is not None:
+                self._log.info("pipeline.buffer_append_recovered",
+                               down_s=round(time.time() - self._failing_since, 1))
+                self._failing_since = None
+            self.last_append_time = time.time()
+            return

@@ -1,0 +1,119 @@
+"""The ``digispine-gateway`` command line.
+
+Commands: ``run`` (the service), ``validate`` (config and mappings, every finding located, exit
+78), ``demo`` (a simulated shop floor, local brokers and the gateway, events shown as they arrive
+in Kafka), ``version``. Errors reach the user as located lines, never as tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.errors import EX_CONFIG, BufferError, ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        _print_findings(exc)
+        return EX_CONFIG
+    except BufferError as exc:
+        print(f"digispine-gateway: buffer: {exc}", file=sys.stderr)
+        return 73  # EX_CANTCREAT
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="digispine-gateway",
+        description="DigiSpine Edge Gateway: shop-floor signals to DomainEvents in Kafka.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", metavar="PATH",
+                       help="config file (default: $DIGISPINE_CONFIG, ./config/gateway.yaml, "
+                            "/etc/digispine-gateway/gateway.yaml)")
+
+    run = sub.add_parser("run", help="run the gateway (the systemd service's ExecStart)")
+    config_arg(run)
+    run.add_argument("--log-format", choices=["auto", "console", "json"],
+                     help="override logging.format")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="override logging.level")
+    run.set_defaults(func=_run)
+
+    val = sub.add_parser("validate", help="check the config and every mapping file; exit 78 on errors")
+    config_arg(val)
+    val.set_defaults(func=_validate)
+
+    demo = sub.add_parser("demo", help="simulated shop floor + local MQTT and Kafka brokers + the gateway")
+    config_arg(demo)
+    demo.add_argument("--duration-s", type=float, default=None,
+                      help="stop after this many seconds (default: until Ctrl-C)")
+    demo.add_argument("--interval-s", type=float, default=1.0,
+                      help="seconds between simulated readings per machine")
+    demo.set_defaults(func=_demo)
+
+    ver = sub.add_parser("version", help="print the version")
+    ver.set_defaults(func=lambda _: print(f"digispine-gateway {__version__}") or 0)
+    return parser
+
+
+def _load(config: str | None) -> tuple[object, list[object], Path]:
+    from gateway.mapping.loader import load_mappings
+    from gateway.settings import find_config, load_settings
+
+    path = find_config(config)
+    settings = load_settings(path)
+    protocols = {name: conn.protocol for name, conn in settings.connections.items()}
+    files = load_mappings(settings.mappings.directory, protocols)
+    return settings, list(files), path
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gateway import logs
+    from gateway.app.daemon import run_loop, serve
+
+    settings, files, path = _load(args.config)
+    log_cfg = settings.logging  # type: ignore[attr-defined]
+    logs.configure(args.log_level or log_cfg.level, args.log_format or log_cfg.format)
+    logs.get("daemon").info("config.loaded", path=str(path), mapping_files=len(files))
+    run_loop(serve(settings, files))  # type: ignore[arg-type]
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    settings, files, path = _load(args.config)
+    signals = sum(len(f.spec.signals) for f in files)  # type: ignore[attr-defined]
+    events = sum(len(f.spec.events) for f in files)  # type: ignore[attr-defined]
+    print(f"{path}: ok")
+    for f in files:
+        print(f"{f.path}: ok ({len(f.spec.signals)} signals, {len(f.spec.events)} events)")  # type: ignore[attr-defined]
+    print(f"valid: {len(files)} mapping file(s), {signals} signal(s), {events} event(s)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo.stack import run_demo
+
+    return run_demo(args.config, duration_s=args.duration_s, interval_s=args.interval_s)
+
+
+def _print_findings(exc: ConfigError) -> None:
+    n = len(exc.findings)
+    for finding in exc.findings:
+        print(f"error: {finding}", file=sys.stderr)
+    print(f"{n} error{'s' if n != 1 else ''}: fix the file(s) above and run "
+          f"`digispine-gateway validate` again", file=sys.stderr)

@@ -1,0 +1,195 @@
+"""The whole shape, end to end: the daemon as a subprocess between a real mosquitto and a real
+Kafka-compatible broker. MQTT messages go in; records are read back from Kafka and checked."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests import support
+from tests.support import GatewayProcess, consume, write_config
+
+pytestmark = pytest.mark.integration
+
+MAPPING = """
+version: 1
+asset:
+  subject: acme/test/line1/{machine}
+  attributes: {{line: line1}}
+signals:
+  n:
+    connection: plant_mqtt
+    mqtt: {{topic: "{prefix}/{machine}/data", value_path: n, timestamp_path: ts}}
+    type: integer
+events:
+  count_changed:
+    type: test.CountChanged.v1
+    trigger: {{kind: on_change, signal: n}}
+    data:
+      n: {{signal: n}}
+      line: {{attribute: line}}
+"""
+
+
+def make_mappings(root: Path, prefix: str, machines: list[str]) -> Path:
+    folder = root / "mappings"
+    folder.mkdir()
+    for m in machines:
+        (folder / f"{m}.yaml").write_text(MAPPING.format(machine=m, prefix=prefix))
+    return folder
+
+
+def publisher(port: int) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def publish(client: mqtt.Client, prefix: str, machine: str, values: range) -> None:
+    infos = [client.publish(f"{prefix}/{machine}/data",
+                            json.dumps({"n": n, "ts": 1_700_000_000 + n}), qos=1) for n in values]
+    for info in infos:
+        info.wait_for_publish(timeout=10)
+
+
+def values_of(records: list) -> list[int]:
+    return [json.loads(r.value)["n"] for r in records]
+
+
+async def test_mqtt_messages_become_cloudevents_in_kafka(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
+    """Each message becomes one record: key = subject, ce_* headers, value = data, in order."""
+    mappings = make_mappings(tmp_path, topic_prefix, ["m1", "m2"])
+    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=kafka_bootstrap,
+                          topic_template=f"{topic_prefix}.{{type}}", mappings=mappings,
+                          state=tmp_path / "state")
+    gw = GatewayProcess(config, tmp_path / "gw.log")
+    try:
+        gw.wait_sources_running()
+        client = publisher(mqtt_port)
+        publish(client, topic_prefix, "m1", range(1, 51))
+        publish(client, topic_prefix, "m2", range(101, 131))
+        records = await consume(kafka_bootstrap, [f"{topic_prefix}.test.CountChanged.v1"],
+                                expect=80, quiet_s=2)
+        client.loop_stop()
+    finally:
+        assert gw.terminate() == 0, gw.tail()
+    by_key: dict[bytes, list] = {}
+    for r in records:
+        by_key.setdefault(r.key, []).append(r)
+    assert sorted(by_key) == [b"acme/test/line1/m1", b"acme/test/line1/m2"]
+    assert values_of(by_key[b"acme/test/line1/m1"]) == list(range(1, 51))
+    assert values_of(by_key[b"acme/test/line1/m2"]) == list(range(101, 131))
+    first = by_key[b"acme/test/line1/m1"][0]
+    headers = {k: v.decode() for k, v in first.headers}
+    assert headers["ce_specversion"] == "1.0"
+    assert headers["ce_type"] == "test.CountChanged.v1"
+    assert headers["ce_subject"] == "acme/test/line1/m1"
+    assert headers["ce_source"] == "/gateways/test-gw/connections/plant_mqtt"
+    assert headers["ce_time"] == "2023-11-14T22:13:21.000000Z"  # ts 1_700_000_001 from the payload
+    assert headers["content-type"] == "application/json"
+    assert json.loads(first.value) == {"n": 1, "line": "line1"}
+    assert len({dict(r.headers)["ce_id"] for r in records}) == 80
+
+
+async def test_sigterm_stops_cleanly_and_nothing_is_left_behind(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
+    """SIGTERM: exit 0 after flushing; a restart finds an empty buffer."""
+    mappings = make_mappings(tmp_path, topic_prefix, ["m1"])
+    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=kafka_bootstrap,
+                          topic_template=f"{topic_prefix}.{{type}}", mappings=mappings,
+                          state=tmp_path / "state")
+    gw = GatewayProcess(config, tmp_path / "gw.log")
+    gw.wait_sources_running()
+    client = publisher(mqtt_port)
+    publish(client, topic_prefix, "m1", range(1, 201))
+    client.loop_stop()
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(timeout=30) == 0
+    stopped = [json.loads(line) for line in gw.tail(100_000).splitlines()
+               if '"daemon.stopped"' in line]
+    assert stopped and stopped[0]["left_in_buffer"] == 0
+    records = await consume(kafka_bootstrap, [f"{topic_prefix}.test.CountChanged.v1"], expect=200, quiet_s=1)
+    assert sorted(values_of(records)) == list(range(1, 201))
+
+
+async def test_kill_9_while_kafka_is_cut_loses_no_acknowledged_event(tmp_path, mqtt_port):
+    """Kafka unreachable (proxy cut), messages published and buffered, the gateway SIGKILLed;
+    after the link and the gateway come back, every event arrives, none twice."""
+    if support.real_kafka():
+        pytest.skip("cutting the link needs a broker whose advertised address is the proxy (Tansu)")
+    prefix = support.unique_topic_prefix()
+    mappings = make_mappings(tmp_path, prefix, ["m1"])
+    with support.tansu_behind_proxy() as (bootstrap, proxy):
+        config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=bootstrap,
+                              topic_template=f"{prefix}.{{type}}", mappings=mappings,
+                              state=tmp_path / "state")
+        gw = GatewayProcess(config, tmp_path / "gw1.log")
+        gw.wait_sources_running()
+        proxy.cut()
+        client = publisher(mqtt_port)
+        publish(client, prefix, "m1", range(1, 301))  # each returns once the broker has it
+        client.loop_stop()
+        gw.wait_for(lambda h: h["buffer"]["pending_events"] == 300, 30, "300 events buffered")
+        gw.kill()
+        proxy.restore()
+        gw2 = GatewayProcess(config, tmp_path / "gw2.log")
+        try:
+            records = await consume(bootstrap, [f"{prefix}.test.CountChanged.v1"], expect=300, quiet_s=3)
+            gw2.wait_for(lambda h: h["buffer"]["pending_events"] == 0, 30, "buffer empty")
+        finally:
+            assert gw2.terminate() == 0, gw2.tail()
+    values = values_of(records)
+    assert sorted(set(values)) == list(range(1, 301)), "lost events"
+    assert len(values) == len(set(values)), f"{len(values) - len(set(values))} duplicates"
+    assert values == sorted(values), "per-key order broken"
+
+
+async def test_kill_9_while_messages_flow_loses_no_message(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
+    """MQTT QoS 1 with a persistent session is acknowledged only after the durable append: a
+    SIGKILL in mid-stream loses nothing; the broker redelivers what was not acknowledged."""
+    mappings = make_mappings(tmp_path, topic_prefix, ["m1"])
+    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=kafka_bootstrap,
+                          topic_template=f"{topic_prefix}.{{type}}", mappings=mappings,
+                          state=tmp_path / "state")
+    gw = GatewayProcess(config, tmp_path / "gw1.log")
+    gw.wait_sources_running()
+    client = publisher(mqtt_port)
+    total = 3000
+    infos = [client.publish(f"{topic_prefix}/m1/data", json.dumps({"n": n}), qos=1)
+             for n in range(1, total + 1)]
+    time.sleep(0.3)  # let the gateway be in the middle of the stream
+    gw.kill()
+    for info in infos:
+        info.wait_for_publish(timeout=30)
+    client.loop_stop()
+    gw2 = GatewayProcess(config, tmp_path / "gw2.log")
+    try:
+        records = await consume(kafka_bootstrap, [f"{topic_prefix}.test.CountChanged.v1"],
+                                expect=total, quiet_s=3, timeout_s=90)
+    finally:
+        assert gw2.terminate() == 0, gw2.tail()
+    values = values_of(records)
+    missing = set(range(1, total + 1)) - set(values)
+    assert not missing, f"{len(missing)} lost, e.g. {sorted(missing)[:10]}"
+
+
+def test_bad_config_exits_78_with_located_errors(tmp_path):
+    """Every error at once, located, no traceback, exit 78 (systemd does not restart-loop)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "gw.yaml"
+    bad.write_text("gateway:\n  id: ok-id\nkafka:\n  linger_ms: soon\n  acks: most\nbufer: {}\n")
+    proc = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 78
+    assert "Traceback" not in proc.stderr
+    assert f"{bad}:4:14 kafka.linger_ms:" in proc.stderr
+    assert f"{bad}:5:9 kafka.acks:" in proc.stderr
+    assert f"{bad}:6:1 bufer: unknown key" in proc.stderr
