@@ -1,0 +1,36 @@
+# Quick start: `make demo` runs the gateway on a simulated shop floor; `make test` runs the tests.
+# Both create .venv from pyproject.toml on first use (and again when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test validate run bench clean brokers
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# The demo and the tests start a mosquitto of their own; install it if this machine lacks it.
+brokers:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	  else echo "mosquitto is missing: sudo apt-get install mosquitto" >&2; exit 1; fi; }
+
+demo: $(STAMP) brokers
+	$(VENV)/bin/digispine-gateway demo
+
+test: $(STAMP) brokers
+	$(PY) -m pytest -q
+
+validate: $(STAMP)
+	$(VENV)/bin/digispine-gateway validate
+
+run: $(STAMP)
+	$(VENV)/bin/digispine-gateway run
+
+clean:
+	rm -rf $(VENV) state .pytest_cache
