@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test validate run bench clean brokers
+.PHONY: demo test lint validate run bench clean brokers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
 # The demo and the tests start a mosquitto of their own; install it if this machine lacks it.
@@ -25,6 +25,14 @@ demo: $(STAMP) brokers
 
 test: $(STAMP) brokers
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/mypy
+
+bench: $(STAMP) brokers
+	$(PY) -m bench.bench_e2e
+	$(PY) bench/bench_buffer.py
 
 validate: $(STAMP)
 	$(VENV)/bin/digispine-gateway validate

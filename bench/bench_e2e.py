@@ -55,7 +55,7 @@ def bare_paho_rate(port: int, topic: str, n: int) -> float:
     done = threading.Event()
     first: list[float] = []
 
-    def on_message(_c, _u, _m):  # noqa: ANN001
+    def on_message(_c: object, _u: object, _m: object) -> None:
         nonlocal got
         if not first:
             first.append(time.monotonic())

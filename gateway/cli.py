@@ -11,9 +11,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.errors import EX_CONFIG, BufferError, ConfigError
+
+if TYPE_CHECKING:
+    from gateway.mapping.loader import MappingFile
+    from gateway.settings import GatewaySettings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(config: str | None) -> tuple[object, list[object], Path]:
+def _load(config: str | None) -> tuple[GatewaySettings, list[MappingFile], Path]:
     from gateway.mapping.loader import load_mappings
     from gateway.settings import find_config, load_settings
 
@@ -79,7 +84,7 @@ def _load(config: str | None) -> tuple[object, list[object], Path]:
     settings = load_settings(path)
     protocols = {name: conn.protocol for name, conn in settings.connections.items()}
     files = load_mappings(settings.mappings.directory, protocols)
-    return settings, list(files), path
+    return settings, files, path
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -87,20 +92,20 @@ def _run(args: argparse.Namespace) -> int:
     from gateway.app.daemon import run_loop, serve
 
     settings, files, path = _load(args.config)
-    log_cfg = settings.logging  # type: ignore[attr-defined]
+    log_cfg = settings.logging
     logs.configure(args.log_level or log_cfg.level, args.log_format or log_cfg.format)
     logs.get("daemon").info("config.loaded", path=str(path), mapping_files=len(files))
-    run_loop(serve(settings, files))  # type: ignore[arg-type]
+    run_loop(serve(settings, files))
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    settings, files, path = _load(args.config)
-    signals = sum(len(f.spec.signals) for f in files)  # type: ignore[attr-defined]
-    events = sum(len(f.spec.events) for f in files)  # type: ignore[attr-defined]
+    _, files, path = _load(args.config)
+    signals = sum(len(f.spec.signals) for f in files)
+    events = sum(len(f.spec.events) for f in files)
     print(f"{path}: ok")
     for f in files:
-        print(f"{f.path}: ok ({len(f.spec.signals)} signals, {len(f.spec.events)} events)")  # type: ignore[attr-defined]
+        print(f"{f.path}: ok ({len(f.spec.signals)} signals, {len(f.spec.events)} events)")
     print(f"valid: {len(files)} mapping file(s), {signals} signal(s), {events} event(s)")
     return 0
 

@@ -58,5 +58,5 @@ class SinkUnavailable(GatewayError):
     """The sink (Kafka) is unreachable or refused a batch; the buffer keeps the events."""
 
 
-class BufferError(GatewayError):  # noqa: A001 - the tree's name for it; never imported bare
+class BufferError(GatewayError):
     """The on-disk buffer cannot be opened, recovered or written."""

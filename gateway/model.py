@@ -136,7 +136,7 @@ def rfc3339(ts: float) -> str:
     """``2026-11-28T22:09:01.123456Z`` without a datetime per call (the per-second part is cached)."""
     global _second_cache
     sec = int(ts)
-    micros = int(round((ts - sec) * 1_000_000))
+    micros = round((ts - sec) * 1_000_000)
     if micros >= 1_000_000:
         sec, micros = sec + 1, micros - 1_000_000
     cached_sec, prefix = _second_cache

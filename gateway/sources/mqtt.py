@@ -640,8 +640,8 @@ class _Link:
     def _on_subscribe(self, _client: Client, _userdata: Any, mid: int,
                       reason_codes: list[ReasonCode], _properties: Properties | None) -> None:
         filters = self._subscribe_mids.pop(mid, [])
-        refused = [(f, str(rc)) for f, rc in zip(filters, reason_codes) if rc.is_failure]
-        downgraded = [(f, rc.value) for f, rc in zip(filters, reason_codes)
+        refused = [(f, str(rc)) for f, rc in zip(filters, reason_codes, strict=False) if rc.is_failure]
+        downgraded = [(f, rc.value) for f, rc in zip(filters, reason_codes, strict=False)
                       if not rc.is_failure and rc.value < self.source.config.qos]
         self._call(self._on_suback, refused, downgraded)
 
@@ -685,7 +685,7 @@ class _Link:
 class _Ack:
     """A Delivery's ``ack``: acknowledges one PUBLISH once, and tells the link it is settled."""
 
-    __slots__ = ("link", "mid", "qos", "done")
+    __slots__ = ("done", "link", "mid", "qos")
 
     def __init__(self, link: _Link, mid: int, qos: int) -> None:
         self.link, self.mid, self.qos, self.done = link, mid, qos, False
