@@ -176,7 +176,38 @@ async def test_kill_9_while_messages_flow_loses_no_message(tmp_path, mqtt_port, 
         assert gw2.terminate() == 0, gw2.tail()
     values = values_of(records)
     missing = set(range(1, total + 1)) - set(values)
+    print(f"\nkill -9 mid-stream: {total} published, {len(values)} records, "
+          f"{len(missing)} lost, {len(values) - len(set(values))} duplicates")
     assert not missing, f"{len(missing)} lost, e.g. {sorted(missing)[:10]}"
+
+
+async def test_malformed_payloads_are_counted_and_the_stream_goes_on(
+        tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
+    """Garbage between good messages: no crash, the good ones arrive, the bad ones are counted
+    and logged once per topic and interval."""
+    mappings = make_mappings(tmp_path, topic_prefix, ["m1"])
+    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=kafka_bootstrap,
+                          topic_template=f"{topic_prefix}.{{type}}", mappings=mappings,
+                          state=tmp_path / "state")
+    gw = GatewayProcess(config, tmp_path / "gw.log")
+    try:
+        gw.wait_sources_running()
+        client = publisher(mqtt_port)
+        topic = f"{topic_prefix}/m1/data"
+        for n in range(1, 11):
+            client.publish(topic, json.dumps({"n": n, "ts": 1_700_000_000}), qos=1).wait_for_publish(10)
+            client.publish(topic, b"\xff not json {", qos=1).wait_for_publish(10)
+        client.loop_stop()
+        records = await consume(kafka_bootstrap, [f"{topic_prefix}.test.CountChanged.v1"],
+                                expect=10, quiet_s=1)
+        health = gw.wait_for(lambda h: h["counters"].get("mqtt_malformed_payloads_total") == 10,
+                             15, "10 malformed payloads counted")
+    finally:
+        assert gw.terminate() == 0, gw.tail()
+    assert values_of(records) == list(range(1, 11))
+    assert health["status"] == "ok"
+    warnings = [line for line in gw.tail(100_000).splitlines() if "mqtt.malformed_payload" in line]
+    assert len(warnings) == 1, warnings
 
 
 def test_bad_config_exits_78_with_located_errors(tmp_path):
