@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds between simulated readings per machine")
     demo.set_defaults(func=_demo)
 
+    test = sub.add_parser("test", help="run the inline test cases of mapping files (no network)")
+    config_arg(test)
+    test.add_argument("paths", nargs="*", metavar="PATH",
+                      help="mapping files or directories (default: the configured mappings)")
+    test.set_defaults(func=_test)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of mapping files or of the config")
+    schema.add_argument("which", choices=["mapping", "config"])
+    schema.set_defaults(func=_schema)
+
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=lambda _: print(f"digispine-gateway {__version__}") or 0)
     return parser
@@ -111,6 +121,42 @@ def _validate(args: argparse.Namespace) -> int:
     for f in files:
         print(f"{f.path}: ok ({len(f.spec.signals)} signals, {len(f.spec.events)} events)")
     print(f"valid: {len(files)} mapping file(s), {signals} signal(s), {events} event(s)")
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    from gateway.mapping.cases import run_cases
+    from gateway.mapping.loader import load_mappings
+    from gateway.settings import find_config, load_settings
+
+    if args.paths:  # connections still come from the config: files are checked as `run` would
+        settings = load_settings(find_config(args.config))
+        protocols = {name: conn.protocol for name, conn in settings.connections.items()}
+        files = []
+        for raw in args.paths:
+            path = Path(raw).resolve()
+            folder = path if path.is_dir() else path.parent
+            files.extend(f for f in load_mappings(folder, protocols)
+                         if path.is_dir() or f.path.resolve() == path)
+    else:
+        _, files, _ = _load(args.config)
+    results = run_cases(files)
+    for r in results:
+        print(f"{'PASS' if r.passed else 'FAIL'}  {r.file.name}: {r.name}")
+        for problem in r.problems:
+            print(f"      {problem}")
+    failed = sum(not r.passed for r in results)
+    untested = [f.path.name for f in files if not f.spec.tests]
+    if untested:
+        print(f"note: no test cases in {', '.join(untested)}")
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from gateway import schemas
+
+    print(schemas.render(schemas.SCHEMAS[args.which]()), end="")
     return 0
 
 

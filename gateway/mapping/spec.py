@@ -55,6 +55,7 @@ from pydantic import (
 )
 
 from gateway.configbase import Strict
+from gateway.mapping.cases import MappingTest
 from gateway.sources.mqtt import MqttAddress
 
 FORMAT_VERSION = 1
@@ -357,6 +358,8 @@ class MappingSpec(Strict):
     """Signal name -> where to read it and how to convert it."""
     events: dict[EventName, EventSpec] = Field(min_length=1)
     """Local event id -> the event emitted and its trigger."""
+    tests: list[MappingTest] = Field(default_factory=list)
+    """Test cases run by ``digispine-gateway test``: readings in, exactly these events out."""
 
     @field_validator("version", mode="before")
     @classmethod
