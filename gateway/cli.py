@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,7 @@ from gateway.errors import EX_CONFIG, BufferError, ConfigError
 
 if TYPE_CHECKING:
     from gateway.mapping.loader import MappingFile
+    from gateway.model import Signal
     from gateway.settings import GatewaySettings
 
 
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="override logging.format")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                      help="override logging.level")
+    run.add_argument("--record", metavar="FILE",
+                     help="append every reading the sources deliver to FILE (JSON lines) "
+                          "for `replay`")
     run.set_defaults(func=_run)
 
     val = sub.add_parser("validate", help="check the config and every mapping file; exit 78 on errors")
@@ -74,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--interval-s", type=float, default=1.0,
                       help="seconds between simulated readings per machine")
     demo.set_defaults(func=_demo)
+
+    rep = sub.add_parser("replay", help="feed a recorded trace through the mappings; print the events")
+    config_arg(rep)
+    rep.add_argument("trace", metavar="FILE", help="JSON lines written by `run --record`")
+    rep.set_defaults(func=_replay)
 
     test = sub.add_parser("test", help="run the inline test cases of mapping files (no network)")
     config_arg(test)
@@ -109,7 +118,8 @@ def _run(args: argparse.Namespace) -> int:
     log_cfg = settings.logging
     logs.configure(args.log_level or log_cfg.level, args.log_format or log_cfg.format)
     logs.get("daemon").info("config.loaded", path=str(path), mapping_files=len(files))
-    run_loop(serve(settings, files))
+    record = Path(args.record) if args.record else None
+    run_loop(serve(settings, files, record=record))
     return 0
 
 
@@ -124,6 +134,30 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from gateway import trace
+    from gateway.mapping.engine import Mapper
+    from gateway.model import EventIds
+
+    settings, files, _ = _load(args.config)
+    mapper = Mapper(files, settings.gateway.id, EventIds("replay"))
+    signals = events = 0
+
+    def counted() -> Iterator[Signal]:
+        nonlocal signals
+        for s in trace.read(Path(args.trace)):
+            signals += 1
+            yield s
+
+    out = sys.stdout.buffer
+    for line in trace.replay(counted(), mapper):
+        events += 1
+        out.write(line + b"\n")
+    out.flush()
+    print(trace.summary(signals, events, mapper.unmatched), file=sys.stderr)
+    return 0
+
+
 def _test(args: argparse.Namespace) -> int:
     from gateway.mapping.cases import run_cases
     from gateway.mapping.loader import load_mappings
@@ -132,7 +166,7 @@ def _test(args: argparse.Namespace) -> int:
     if args.paths:  # connections still come from the config: files are checked as `run` would
         settings = load_settings(find_config(args.config))
         protocols = {name: conn.protocol for name, conn in settings.connections.items()}
-        files = []
+        files: list[MappingFile] = []
         for raw in args.paths:
             path = Path(raw).resolve()
             folder = path if path.is_dir() else path.parent

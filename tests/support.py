@@ -159,7 +159,8 @@ def tansu_behind_proxy() -> Iterator[tuple[str, TcpProxy]]:
 class GatewayProcess:
     """``python -m gateway run`` as a child process, with its health endpoint for polling."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
         import sys
 
         self.health_port = free_port()
@@ -168,7 +169,8 @@ class GatewayProcess:
                     "DIGISPINE_HEALTH__LISTEN": f"127.0.0.1:{self.health_port}",
                     "DIGISPINE_LOGGING__FORMAT": "json"}
         self._out = log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(config),
+                                      *(args or [])],
                                      stdout=self._out, stderr=subprocess.STDOUT, env=full_env)
 
     def health(self) -> dict[str, Any] | None:

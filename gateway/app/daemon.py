@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from gateway import __version__, logs
@@ -34,6 +35,7 @@ from gateway.settings import GatewaySettings
 from gateway.sinks.kafka import KafkaForwarder
 from gateway.sources.base import Source
 from gateway.sources.mqtt import MqttConnectionConfig, MqttSource
+from gateway.trace import Recorder
 
 SHUTDOWN_FLUSH_S = 10.0
 
@@ -193,14 +195,21 @@ async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
             await t
 
 
-async def serve(settings: GatewaySettings, mapping_files: list[MappingFile]) -> None:
+async def serve(settings: GatewaySettings, mapping_files: list[MappingFile],
+                *, record: Path | None = None) -> None:
     """Run the daemon with SIGTERM/SIGINT wired to a clean stop."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     daemon = Daemon(settings, mapping_files)
-    await daemon.run(stop)
+    recorder = Recorder(record) if record is not None else None
+    daemon.pipeline.recorder = recorder
+    try:
+        await daemon.run(stop)
+    finally:
+        if recorder is not None:
+            recorder.close()
 
 
 def run_loop(main: Any) -> None:

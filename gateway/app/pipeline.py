@@ -26,6 +26,7 @@ from gateway.mapping.engine import Mapper
 from gateway.metrics import Metrics
 from gateway.model import DomainEvent
 from gateway.sources.base import Delivery
+from gateway.trace import Recorder
 
 
 class Pipeline:
@@ -41,6 +42,8 @@ class Pipeline:
         self._log = logs.get("pipeline")
         self._failing_since: float | None = None
         self.last_append_time: float | None = None
+        self.recorder: Recorder | None = None
+        """When set (``run --record``), every reading is appended to a trace before mapping."""
         metrics.gauge("pipeline_queued_deliveries", lambda: float(self._queue.qsize()),
                       "Deliveries received from sources and not yet buffered")
 
@@ -73,6 +76,8 @@ class Pipeline:
             signals += len(d.signals)
 
     async def _process(self, batch: Sequence[Delivery]) -> None:
+        if self.recorder is not None:
+            self.recorder.write(s for d in batch for s in d.signals)
         events = self._map(batch)
         if events:
             await self._append(events)

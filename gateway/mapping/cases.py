@@ -34,6 +34,7 @@ from gateway.configbase import Strict
 
 if TYPE_CHECKING:
     from gateway.mapping.loader import MappingFile
+    from gateway.model import DomainEvent
 
 CASE_EPOCH = 1_767_225_600.0
 """2026-01-01T00:00:00Z: the time of ``at_s: 0`` in every case, so event times are stable."""
@@ -101,7 +102,7 @@ def run_case(mf: MappingFile, case: MappingTest) -> CaseResult:
     mapper = Mapper([mf], "test", EventIds("case"))
     result = CaseResult(mf.path, case.name)
     now = CASE_EPOCH - 1.0
-    got: list[Any] = []
+    got: list[DomainEvent] = []
     for i, step in enumerate(case.given):
         spec = mf.spec.signals.get(step.signal)
         if spec is None:
@@ -116,21 +117,18 @@ def run_case(mf: MappingFile, case: MappingTest) -> CaseResult:
     return result
 
 
-def _compare(expected: Sequence[ExpectedEvent], got: Sequence[Any]) -> list[str]:
+def _compare(expected: Sequence[ExpectedEvent], got: Sequence[DomainEvent]) -> list[str]:
     problems: list[str] = []
-    for i in range(max(len(expected), len(got))):
-        want = expected[i] if i < len(expected) else None
-        have = got[i] if i < len(got) else None
-        if want is None:
-            problems.append(f"event {i + 1}: unexpected {have.type} {_show(have.data)}")
-        elif have is None:
-            problems.append(f"event {i + 1}: missing {want.type} {_show(want.data)}")
-        else:
-            problems.extend(_diff(i + 1, want, have))
+    for i, (want, have) in enumerate(zip(expected, got, strict=False), start=1):
+        problems.extend(_diff(i, want, have))
+    for i, have in enumerate(got[len(expected):], start=len(expected) + 1):
+        problems.append(f"event {i}: unexpected {have.type} {_show(have.data)}")
+    for i, want in enumerate(expected[len(got):], start=len(got) + 1):
+        problems.append(f"event {i}: missing {want.type} {_show(want.data)}")
     return problems
 
 
-def _diff(n: int, want: ExpectedEvent, have: Any) -> list[str]:
+def _diff(n: int, want: ExpectedEvent, have: DomainEvent) -> list[str]:
     out = []
     if want.type != have.type:
         out.append(f"event {n}: type {have.type}, expected {want.type}")
