@@ -28,7 +28,7 @@ from gateway.app.supervisor import State, Supervisor
 from gateway.buffer.disk import DiskBuffer
 from gateway.errors import ConfigError, Finding
 from gateway.mapping.engine import Mapper
-from gateway.mapping.loader import MappingFile
+from gateway.mapping.loader import MappingFile, load_mappings
 from gateway.metrics import Metrics
 from gateway.model import EventIds
 from gateway.settings import GatewaySettings
@@ -73,6 +73,8 @@ class Daemon:
                            "Readings no mapping file binds (since start)")
         self.started = time.time()
         self._core: list[asyncio.Task[None]] = []
+        self._source_tasks: dict[str, asyncio.Task[None]] = {}
+        self._reload_lock = asyncio.Lock()
         self._log = logs.get("daemon")
         for name in settings.connections:
             if name not in {s.name for s in self.sources}:
@@ -86,10 +88,8 @@ class Daemon:
         forwarder = asyncio.create_task(self.forwarder.run(), name="forwarder")
         pipeline = asyncio.create_task(self.pipeline.run(), name="pipeline")
         self._core = [forwarder, pipeline]
-        sources = [
-            asyncio.create_task(self._supervise_source(s), name=f"source:{s.name}")
-            for s in self.sources
-        ]
+        for source in self.sources:
+            self._start_source(source)
         health = await self._start_health()
         helpers = [asyncio.create_task(self._stats_loop()), asyncio.create_task(self._watchdog_loop())]
         sd_notify(f"READY=1\nSTATUS=forwarding; {len(self.sources)} source(s)")
@@ -99,7 +99,7 @@ class Daemon:
         crashed = [t for t in self._core if t.done()]
         sd_notify("STOPPING=1")
         self._log.info("daemon.stopping")
-        await _cancel(sources + helpers + [stopper])
+        await _cancel([*self._source_tasks.values(), *helpers, stopper])
         drained = await self.pipeline.drain() if not pipeline.done() else 0
         await _cancel([pipeline, forwarder])
         delivered = await self.forwarder.drain(SHUTDOWN_FLUSH_S)
@@ -110,6 +110,48 @@ class Daemon:
                        left_in_buffer=self.buffer.pending_events)
         for task in crashed:
             task.result()  # re-raise a core component's crash: exit non-zero, systemd restarts
+
+    def _start_source(self, source: Source) -> None:
+        self._source_tasks[source.name] = asyncio.create_task(
+            self._supervise_source(source), name=f"source:{source.name}")
+
+    async def reload(self) -> bool:
+        """SIGHUP: validate the mapping files again and swap them in, or keep the running ones.
+
+        The new mapper takes over between two pipeline batches (nothing is lost or mapped
+        twice); sources whose addresses changed are restarted (an MQTT source acknowledges what
+        the pipeline took before it reconnects); the buffer and the forwarder are untouched.
+        """
+        async with self._reload_lock:
+            log = logs.get("daemon")
+            protocols = {name: c.protocol for name, c in self.settings.connections.items()}
+            try:
+                files = load_mappings(self.settings.mappings.directory, protocols)
+                mapper = Mapper(files, self.settings.gateway.id, self.mapper.ids)
+                sources = build_sources(self.settings, mapper, self.metrics)
+            except ConfigError as exc:
+                self.metrics.inc("mapping_reloads_total", result="rejected")
+                log.error("mappings.reload_rejected", errors=[str(f) for f in exc.findings],
+                          kept_files=len(self.mapper.files))
+                return False
+            changed = _changed_bindings(self.mapper.bindings(), mapper.bindings())
+            self.mapper = self.pipeline.mapper = mapper
+            restarted = []
+            for source in sources:
+                if source.name in changed or source.name not in self._source_tasks:
+                    old = self._source_tasks.pop(source.name, None)
+                    if old is not None:
+                        await _cancel([old])
+                    self._start_source(source)
+                    restarted.append(source.name)
+            for name in set(self._source_tasks) - {s.name for s in sources}:
+                await _cancel([self._source_tasks.pop(name)])
+                self.supervisor.components.pop(name, None)
+                restarted.append(name)
+            self.sources = sources
+            self.metrics.inc("mapping_reloads_total", result="applied")
+            log.info("mappings.reloaded", files=len(files), restarted_sources=sorted(restarted))
+            return True
 
     async def _supervise_source(self, source: Source) -> None:
         conn = self.settings.connections[source.name]
@@ -183,6 +225,15 @@ class Daemon:
             await asyncio.sleep(period)
 
 
+def _changed_bindings(old: dict[str, list[Any]], new: dict[str, list[Any]]) -> set[str]:
+    """Connections whose set of addresses differs between two mappers."""
+    def shape(addresses: list[Any]) -> list[Any]:
+        return sorted(a.model_dump_json() for a in addresses)
+
+    return {name for name in old.keys() | new.keys()
+            if shape(old.get(name, [])) != shape(new.get(name, []))}
+
+
 def _rate(now: dict[str, float], last: dict[str, float], key: str, interval: float) -> float:
     return round((now.get(key, 0) - last.get(key, 0)) / interval, 1)
 
@@ -203,6 +254,14 @@ async def serve(settings: GatewaySettings, mapping_files: list[MappingFile],
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     daemon = Daemon(settings, mapping_files)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(daemon.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     recorder = Recorder(record) if record is not None else None
     daemon.pipeline.recorder = recorder
     try:
