@@ -28,7 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests import support
-from tests.test_daemon import make_mappings
+from tests.support import make_mappings
 
 
 def publish_all(port: int, topic: str, n: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import threading
@@ -12,6 +13,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.localbrokers import free_port, mosquitto, tansu, tansu_binary, wait_port
 
@@ -251,3 +255,62 @@ logging:
 {extra}
 """)
     return path
+
+
+# -- the counting gateway: one integer per MQTT message, one event per integer -----------------
+
+MAPPING = """
+version: 1
+asset:
+  subject: acme/test/line1/{machine}
+  attributes: {{line: line1}}
+signals:
+  n:
+    connection: plant_mqtt
+    mqtt: {{topic: "{prefix}/{machine}/data", value_path: n, timestamp_path: ts}}
+    type: integer
+events:
+  count_changed:
+    type: test.CountChanged.v1
+    trigger: {{kind: on_change, signal: n}}
+    data:
+      n: {{signal: n}}
+      line: {{attribute: line}}
+"""
+
+
+def make_mappings(root: Path, prefix: str, machines: list[str]) -> Path:
+    """One mapping file per machine: ``<prefix>/<machine>/data`` {"n": int} -> test.CountChanged.v1."""
+    folder = root / "mappings"
+    folder.mkdir()
+    for m in machines:
+        (folder / f"{m}.yaml").write_text(MAPPING.format(machine=m, prefix=prefix))
+    return folder
+
+
+def publisher(port: int) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def publish(client: mqtt.Client, prefix: str, machine: str, values: range) -> None:
+    infos = [client.publish(f"{prefix}/{machine}/data",
+                            json.dumps({"n": n, "ts": 1_700_000_000 + n}), qos=1) for n in values]
+    for info in infos:
+        info.wait_for_publish(timeout=10)
+
+
+def values_of(records: list) -> list[int]:
+    return [json.loads(r.value)["n"] for r in records]
+
+
+def counting_gateway(tmp_path: Path, mqtt_port: int, bootstrap: str, prefix: str,
+                     machines: list[str] | None = None) -> tuple[Path, Path]:
+    """Mappings and a config for the counting gateway; returns (config, mappings directory)."""
+    mappings = make_mappings(tmp_path, prefix, machines or ["m1"])
+    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=bootstrap,
+                          topic_template=f"{prefix}.{{type}}", mappings=mappings,
+                          state=tmp_path / "state")
+    return config, mappings

@@ -6,69 +6,26 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tests import support
-from tests.support import GatewayProcess, consume, write_config
+from tests.support import (
+    GatewayProcess,
+    consume,
+    counting_gateway,
+    make_mappings,
+    publish,
+    publisher,
+    values_of,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
-MAPPING = """
-version: 1
-asset:
-  subject: acme/test/line1/{machine}
-  attributes: {{line: line1}}
-signals:
-  n:
-    connection: plant_mqtt
-    mqtt: {{topic: "{prefix}/{machine}/data", value_path: n, timestamp_path: ts}}
-    type: integer
-events:
-  count_changed:
-    type: test.CountChanged.v1
-    trigger: {{kind: on_change, signal: n}}
-    data:
-      n: {{signal: n}}
-      line: {{attribute: line}}
-"""
-
-
-def make_mappings(root: Path, prefix: str, machines: list[str]) -> Path:
-    folder = root / "mappings"
-    folder.mkdir()
-    for m in machines:
-        (folder / f"{m}.yaml").write_text(MAPPING.format(machine=m, prefix=prefix))
-    return folder
-
-
-def publisher(port: int) -> mqtt.Client:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="")
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    return client
-
-
-def publish(client: mqtt.Client, prefix: str, machine: str, values: range) -> None:
-    infos = [client.publish(f"{prefix}/{machine}/data",
-                            json.dumps({"n": n, "ts": 1_700_000_000 + n}), qos=1) for n in values]
-    for info in infos:
-        info.wait_for_publish(timeout=10)
-
-
-def values_of(records: list) -> list[int]:
-    return [json.loads(r.value)["n"] for r in records]
-
-
 async def test_mqtt_messages_become_cloudevents_in_kafka(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
     """Each message becomes one record: key = subject, ce_* headers, value = data, in order."""
-    mappings = make_mappings(tmp_path, topic_prefix, ["m1", "m2"])
-    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=kafka_bootstrap,
-                          topic_template=f"{topic_prefix}.{{type}}", mappings=mappings,
-                          state=tmp_path / "state")
+    config, _ = counting_gateway(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix, ["m1", "m2"])
     gw = GatewayProcess(config, tmp_path / "gw.log")
     try:
         gw.wait_sources_running()
@@ -100,10 +57,7 @@ async def test_mqtt_messages_become_cloudevents_in_kafka(tmp_path, mqtt_port, ka
 
 async def test_sigterm_stops_cleanly_and_nothing_is_left_behind(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
     """SIGTERM: exit 0 after flushing; a restart finds an empty buffer."""
-    mappings = make_mappings(tmp_path, topic_prefix, ["m1"])
-    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=kafka_bootstrap,
-                          topic_template=f"{topic_prefix}.{{type}}", mappings=mappings,
-                          state=tmp_path / "state")
+    config, _ = counting_gateway(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix)
     gw = GatewayProcess(config, tmp_path / "gw.log")
     gw.wait_sources_running()
     client = publisher(mqtt_port)
@@ -153,10 +107,7 @@ async def test_kill_9_while_kafka_is_cut_loses_no_acknowledged_event(tmp_path, m
 async def test_kill_9_while_messages_flow_loses_no_message(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
     """MQTT QoS 1 with a persistent session is acknowledged only after the durable append: a
     SIGKILL in mid-stream loses nothing; the broker redelivers what was not acknowledged."""
-    mappings = make_mappings(tmp_path, topic_prefix, ["m1"])
-    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=kafka_bootstrap,
-                          topic_template=f"{topic_prefix}.{{type}}", mappings=mappings,
-                          state=tmp_path / "state")
+    config, _ = counting_gateway(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix)
     gw = GatewayProcess(config, tmp_path / "gw1.log")
     gw.wait_sources_running()
     client = publisher(mqtt_port)
@@ -185,10 +136,7 @@ async def test_malformed_payloads_are_counted_and_the_stream_goes_on(
         tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
     """Garbage between good messages: no crash, the good ones arrive, the bad ones are counted
     and logged once per topic and interval."""
-    mappings = make_mappings(tmp_path, topic_prefix, ["m1"])
-    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=kafka_bootstrap,
-                          topic_template=f"{topic_prefix}.{{type}}", mappings=mappings,
-                          state=tmp_path / "state")
+    config, _ = counting_gateway(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix)
     gw = GatewayProcess(config, tmp_path / "gw.log")
     try:
         gw.wait_sources_running()

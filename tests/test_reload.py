@@ -8,8 +8,14 @@ import time
 
 import pytest
 
-from tests.support import GatewayProcess, consume, write_config
-from tests.test_daemon import MAPPING, make_mappings, publish, publisher
+from tests.support import (
+    MAPPING,
+    GatewayProcess,
+    consume,
+    counting_gateway,
+    publish,
+    publisher,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +36,7 @@ def wait_log(gw: GatewayProcess, name: str, count: int = 1, timeout_s: float = 1
 
 async def test_sighup_applies_new_mappings_and_rejects_broken_ones(
         tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
-    mappings = make_mappings(tmp_path, topic_prefix, ["m1"])
-    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=kafka_bootstrap,
-                          topic_template=f"{topic_prefix}.{{type}}", mappings=mappings,
-                          state=tmp_path / "state")
+    config, mappings = counting_gateway(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix)
     topic = f"{topic_prefix}.test.CountChanged.v1"
     gw = GatewayProcess(config, tmp_path / "gw.log")
     try:

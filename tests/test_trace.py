@@ -8,8 +8,15 @@ import sys
 
 import pytest
 
-from tests.support import GatewayProcess, consume, write_config
-from tests.test_daemon import make_mappings, publish, publisher
+from tests.support import (
+    GatewayProcess,
+    consume,
+    counting_gateway,
+    make_mappings,
+    publish,
+    publisher,
+    write_config,
+)
 
 
 def replay(config, trace) -> subprocess.CompletedProcess[str]:
@@ -20,10 +27,7 @@ def replay(config, trace) -> subprocess.CompletedProcess[str]:
 @pytest.mark.integration
 async def test_a_recorded_trace_replays_to_the_events_that_went_to_kafka(
         tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
-    mappings = make_mappings(tmp_path, topic_prefix, ["m1"])
-    config = write_config(tmp_path / "gw.yaml", mqtt_port=mqtt_port, bootstrap=kafka_bootstrap,
-                          topic_template=f"{topic_prefix}.{{type}}", mappings=mappings,
-                          state=tmp_path / "state")
+    config, _ = counting_gateway(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix)
     trace = tmp_path / "trace.jsonl"
     gw = GatewayProcess(config, tmp_path / "gw.log", args=["--record", str(trace)])
     try:
