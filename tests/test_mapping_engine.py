@@ -496,18 +496,28 @@ def test_shipped_examples_map_the_simulated_payloads(tmp_path: Path) -> None:
     assert state.data == {
         "state": "Running",
         "previous_state": None,
+        "previous_state_duration_s": None,
         "machine_type": "press",
         "line": "line2",
     }
     (temp,) = m.map(Signal(CONN, f"{base}/telemetry#temperature_c", 61.2, source_time=1795903771.5))
     assert temp.data == {"temperature_c": 61.2, "unit": "degC"}
     assert m.map(Signal(CONN, f"{base}/telemetry#temperature_c", 63.2)) == []
-    (count,) = m.map(Signal(CONN, f"{base}/telemetry#part_counter", 1234))
+    assert m.map(Signal(CONN, f"{base}/telemetry#part_counter", 1234)) == []
+    (parts,) = m.map(Signal(CONN, f"{base}/telemetry#part_counter", 1236))
+    assert (parts.type, parts.data) == (
+        "production.PartsProduced.v1",
+        {"parts": 2, "part_counter": 1236},
+    )
+    press08 = "acme/plant1/stamping/line2/press08"
+    (count,) = m.map(Signal(CONN, f"{press08}/telemetry#part_counter", 1234))
     assert (count.type, count.data) == (
         "production.PartCounterChanged.v1",
-        {"part_counter": 1234, "temperature_c": 63.2},
+        {"part_counter": 1234, "temperature_c": None},
     )
     oven = "acme/plant1/heattreat/line1/oven01"
     (zone,) = m.map(Signal(CONN, f"{oven}/telemetry#zone1_temperature_c", 850.3))
     assert (zone.subject, zone.type) == (oven, "process.TemperatureChanged.v1")
     assert m.map(Signal(CONN, f"{oven}/telemetry#zone1_temperature_c", 855.3)) == []
+    assert m.map(Signal(CONN, f"{base}/state#state", "Stopped")) == []
+    assert m.conversion_errors == 1

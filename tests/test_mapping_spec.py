@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError
-from gateway.mapping import MappingSpec, load_mappings
+from gateway.mapping import MappingSpec, load_mappings, spec
 from gateway.mapping import loader as loader_module
+from gateway.mapping.cases import run_cases
 from gateway.sources.mqtt import MqttAddress
 
 MAPPINGS = Path(__file__).resolve().parent.parent / "mappings"
@@ -63,11 +64,21 @@ def findings(directory: Path, connections: dict[str, str] | None = None) -> list
 # --- the shipped examples ----------------------------------------------------------------
 
 
+SIMULATED = ("oven01", "press07", "press08")
+"""The example files whose machines the demo simulator publishes (cell01 is not simulated)."""
+
+
 def test_shipped_examples_load_without_findings() -> None:
     """The example files of mappings/ are valid against a config with one mqtt connection."""
     files = load_mappings(MAPPINGS, MQTT)
-    assert [f.path.name for f in files] == ["oven01.yaml", "press07.yaml", "press08.yaml"]
+    assert [f.path.name for f in files] == [
+        "cell01.yaml",
+        "oven01.yaml",
+        "press07.yaml",
+        "press08.yaml",
+    ]
     assert {f.subject for f in files} == {
+        "acme/plant1/assembly/line3/cell01",
         "acme/plant1/heattreat/line1/oven01",
         "acme/plant1/stamping/line2/press07",
         "acme/plant1/stamping/line2/press08",
@@ -75,9 +86,12 @@ def test_shipped_examples_load_without_findings() -> None:
 
 
 def test_shipped_examples_read_exactly_the_simulated_topics() -> None:
-    """The examples subscribe to the topics and JSON keys the demo's simulator publishes."""
+    """The examples of simulated machines subscribe to the topics and JSON keys the demo's
+    simulator publishes."""
     topics: dict[str, set[str]] = {}
     for f in load_mappings(MAPPINGS, MQTT):
+        if f.path.stem not in SIMULATED:
+            continue
         for signal in f.spec.signals.values():
             assert f.spec.signals and signal.mqtt is not None and signal.mqtt.timestamp_path == "ts"
             topics.setdefault(signal.mqtt.topic, set()).add(signal.mqtt.value_path or "")
@@ -92,26 +106,64 @@ def test_shipped_examples_read_exactly_the_simulated_topics() -> None:
     }
 
 
+def test_example_of_an_unsimulated_machine_says_so() -> None:
+    """A reader of an example the simulator does not feed learns it from its first comments."""
+    for path in sorted(MAPPINGS.glob("*.yaml")):
+        if path.stem not in SIMULATED:
+            header = path.read_text(encoding="utf-8").split("version:")[0]
+            assert "the demo simulator does\n# not publish this cell" in header, path
+
+
 def test_shipped_examples_emit_the_documented_event_types() -> None:
-    """Presses emit three event types, the oven two, with the documented deadbands."""
+    """The examples' event types and trigger settings, as docs/mapping.md describes them."""
     by_name = {f.path.stem: f.spec for f in load_mappings(MAPPINGS, MQTT)}
     press = by_name["press07"].events
     assert {e.type for e in press.values()} == {
         "production.MachineStateChanged.v1",
-        "production.PartCounterChanged.v1",
+        "production.RunEnded.v1",
+        "maintenance.FaultCleared.v1",
+        "production.PartsProduced.v1",
         "process.TemperatureChanged.v1",
     }
-    assert press["temperature_changed"].trigger.deadband is not None
-    assert press["temperature_changed"].trigger.deadband.absolute == 2.0
-    oven = by_name["oven01"].events
-    assert oven["temperature_changed"].trigger.deadband is not None
-    assert oven["temperature_changed"].trigger.deadband.absolute == 5.0
+    temperature = press["temperature_changed"].trigger
+    assert isinstance(temperature, spec.OnChangeTrigger) and temperature.deadband is not None
+    assert temperature.deadband.absolute == 2.0
+    parts = press["parts_produced"].trigger
+    assert isinstance(parts, spec.CounterTrigger)
+    assert (parts.rollover_at, parts.max_delta, parts.on_reset) == (4294967295, 1000, "ignore")
     assert list(press["machine_state_changed"].data) == [
         "state",
         "previous_state",
+        "previous_state_duration_s",
         "machine_type",
         "line",
     ]
+    assert "production.PartCounterChanged.v1" in {
+        e.type for e in by_name["press08"].events.values()
+    }
+    oven = by_name["oven01"].events
+    limit = oven["over_temperature"].trigger
+    assert isinstance(limit, spec.ThresholdTrigger)
+    assert (limit.above, limit.hysteresis) == (860.0, 5.0)
+
+
+def test_shipped_examples_use_every_trigger_kind_and_enum_form() -> None:
+    """Together the examples show on_change, transition, edge, counter and threshold, and
+    both enum forms (a list of states, a mapping of codes)."""
+    files = load_mappings(MAPPINGS, MQTT)
+    kinds = {e.trigger.kind for f in files for e in f.spec.events.values()}
+    assert kinds == set(spec.TRIGGER_KINDS)
+    enums = [s.enum for f in files for s in f.spec.signals.values() if s.enum is not None]
+    assert any(isinstance(e, list) for e in enums) and any(isinstance(e, dict) for e in enums)
+
+
+def test_shipped_examples_inline_cases_pass() -> None:
+    """Every example file has test cases, and they all pass."""
+    files = load_mappings(MAPPINGS, MQTT)
+    assert all(f.spec.tests for f in files)
+    results = run_cases(files)
+    assert len(results) == sum(len(f.spec.tests) for f in files)
+    assert [r for r in results if not r.passed] == []
 
 
 def test_every_example_file_starts_with_the_schema_modeline() -> None:
@@ -240,7 +292,8 @@ def test_signal_needs_exactly_one_address_block(tmp_path: Path) -> None:
             "{attribute: line, const: 1}",
             (
                 "events.state_changed.data.line: expected a mapping with exactly one of the keys signal, "
-                "previous, attribute, const, quality (e.g. {signal: state}); found keys attribute, const"
+                "previous, attribute, const, quality, trigger (e.g. {signal: state}); found keys "
+                "attribute, const"
             ),
         ),
         (
@@ -248,7 +301,7 @@ def test_signal_needs_exactly_one_address_block(tmp_path: Path) -> None:
             "line",
             (
                 "events.state_changed.data.line: expected a mapping with exactly one of the keys signal, "
-                "previous, attribute, const, quality (e.g. {signal: state}); got 'line'"
+                "previous, attribute, const, quality, trigger (e.g. {signal: state}); got 'line'"
             ),
         ),
         (
@@ -263,8 +316,9 @@ def test_signal_needs_exactly_one_address_block(tmp_path: Path) -> None:
         ),
         (
             "      kind: on_change",
-            "      kind: edge",
-            "events.state_changed.trigger: unknown kind 'edge'; expected one of on_change",
+            "      kind: on_chnage",
+            "events.state_changed.trigger: unknown kind 'on_chnage'; expected one of on_change, "
+            "transition, edge, counter, threshold (did you mean 'on_change'?)",
         ),
         (
             "{line: line1}",
@@ -443,6 +497,374 @@ def test_one_address_read_two_ways_is_refused(tmp_path: Path) -> None:
     ]
 
 
+# --- enums and the new trigger kinds: located findings ------------------------------------
+
+TRIGGER = "      kind: on_change\n      signal: state\n"
+"""The trigger block of MINIMAL (lines 18-19), replaced by the tests below."""
+
+
+def with_trigger(block: str, text: str = MINIMAL) -> str:
+    """MINIMAL with its trigger block (``kind`` on line 18) replaced by ``block``."""
+    return edited(TRIGGER, block, text)
+
+
+ENUM_STATE = edited("    type: string\n", "    type: string\n    enum: [Idle, Running, Fault]\n")
+"""MINIMAL with named states: the events section moves down one line (kind on line 19)."""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "    type: float\n",
+            "    type: float\n    enum: [a, b]\n",
+            ":14:11 signals.temperature.enum: enum applies to integer signals (codes -> labels) "
+            "and string signals, this signal is of type float",
+        ),
+        (
+            "    type: float\n",
+            "    type: integer\n    enum: [a, b]\n",
+            ":14:11 signals.temperature.enum: an integer signal's enum maps codes to labels, "
+            "e.g. {0: Idle, 1: Running}; a list of states applies to string signals",
+        ),
+        (
+            "    type: float\n",
+            "    type: integer\n    enum: {0: Idle, x: Running}\n",
+            ":14:5 signals.temperature.enum: enum code 'x' is not a whole number; the codes of an "
+            "integer signal are whole numbers (declare the signal as string to map text codes)",
+        ),
+        (
+            "    type: float\n",
+            "    type: integer\n    enum: {1: Idle, '01': Running}\n",
+            ":14:5 signals.temperature.enum: enum code 1 is given twice",
+        ),
+        (
+            "    type: string\n",
+            "    type: string\n    enum: [Idle, Running, Idle]\n",
+            ":10:11 signals.state.enum: enum states are listed once each; repeated: Idle",
+        ),
+        (
+            "    type: string\n",
+            "    type: string\n    enum: []\n",
+            ":10:11 signals.state.enum: an enum needs at least one state",
+        ),
+        (
+            "    type: string\n",
+            "    type: string\n    enum: Idle\n",
+            ":10:11 signals.state.enum: expected a mapping of codes to labels ({0: Idle, "
+            "1: Running}) or a list of states ([Idle, Running]), found str",
+        ),
+        (
+            "    type: string\n",
+            "    type: string\n    enum: {I: ''}\n",
+            ":10:5 signals.state.enum: the label of code 'I' must be a non-empty string, got ''",
+        ),
+    ],
+)
+def test_enum_rules_are_located_at_the_enum(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    """enum fits the signal type: code mappings on integer and string signals, lists of
+    states on string signals, labels non-empty, nothing twice."""
+    path = write(tmp_path, "m.yaml", edited(old, new))
+    assert findings(tmp_path) == [f"{path}{expected}"]
+
+
+def test_integer_enum_codes_are_numbers_whatever_yaml_made_of_them() -> None:
+    """YAML keys arrive as text; an integer signal's codes become whole numbers, a string
+    signal's stay text (so 0: Idle matches the string "0")."""
+    address = {"connection": "c", "mqtt": {"topic": "t"}}
+    ints = spec.SignalSpec.model_validate(
+        {**address, "type": "integer", "enum": {"0": "A", 1: "B"}}
+    )
+    text = spec.SignalSpec.model_validate({**address, "type": "string", "enum": {0: "A"}})
+    assert (ints.enum, text.enum) == ({0: "A", 1: "B"}, {"0": "A"})
+    assert spec.enum_states(ints) == ["A", "B"]
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        (
+            "      kind: transition\n      signal: temperature\n",
+            ":19:15 events.state_changed.trigger.signal: a transition trigger needs a signal with "
+            "named states (a string signal, or an integer signal with an enum); 'temperature' is "
+            "of type float (for a number crossing a limit use kind: threshold)",
+        ),
+        (
+            "      kind: edge\n      signal: state\n      edge: rising\n",
+            ":19:15 events.state_changed.trigger.signal: an edge trigger needs a boolean signal; "
+            "'state' is of type string (for named states use kind: transition)",
+        ),
+        (
+            "      kind: edge\n      signal: temperature\n      edge: rising\n",
+            ":19:15 events.state_changed.trigger.signal: an edge trigger needs a boolean signal; "
+            "'temperature' is of type float (for a number crossing a limit use kind: threshold)",
+        ),
+        (
+            "      kind: counter\n      signal: temperature\n",
+            ":19:15 events.state_changed.trigger.signal: a counter trigger needs an integer "
+            "signal; 'temperature' is of type float",
+        ),
+        (
+            "      kind: threshold\n      signal: state\n      above: 1\n",
+            ":19:15 events.state_changed.trigger.signal: a threshold trigger needs a numeric "
+            "(float or integer) signal; 'state' is of type string",
+        ),
+    ],
+)
+def test_a_trigger_on_a_signal_of_the_wrong_type_is_located_at_its_signal(
+    tmp_path: Path, block: str, expected: str
+) -> None:
+    """Each trigger kind names the signal types it works on, and suggests the right kind."""
+    path = write(tmp_path, "m.yaml", with_trigger(block))
+    assert findings(tmp_path) == [f"{path}{expected}"]
+
+
+def test_transition_on_an_integer_signal_needs_enum_codes(tmp_path: Path) -> None:
+    """Raw integer codes are no state names: the finding says how to give them names."""
+    text = with_trigger(
+        "      kind: transition\n      signal: temperature\n",
+        edited("    type: float\n", "    type: integer\n"),
+    )
+    write(tmp_path, "m.yaml", text)
+    (only,) = findings(tmp_path)
+    assert only.endswith(
+        "'temperature' is of type integer (give it an enum mapping codes to state names, "
+        "e.g. {0: Idle, 1: Running})"
+    )
+
+
+def test_counter_and_threshold_refuse_an_enum_signal(tmp_path: Path) -> None:
+    """An integer signal with enum codes has labels as values: no counting, no limits."""
+    text = edited(
+        "    type: float\n",
+        "    type: integer\n    enum: {0: Idle, 1: Running}\n",
+        MINIMAL
+        + (
+            "  counted:\n"
+            "    type: production.X.v1\n"
+            "    trigger: {kind: counter, signal: temperature}\n"
+            "  limited:\n"
+            "    type: production.Y.v1\n"
+            "    trigger: {kind: threshold, signal: temperature, below: 1}\n"
+            "  banded:\n"
+            "    type: production.Z.v1\n"
+            "    trigger: {kind: on_change, signal: temperature, deadband: {absolute: 1}}\n"
+        ),
+    )
+    path = write(tmp_path, "m.yaml", text)
+    labels = "'temperature' is an integer signal with an enum (its values are the labels)"
+    assert findings(tmp_path) == [
+        f"{path}:26:38 events.counted.trigger.signal: a counter trigger needs an integer "
+        f"signal; {labels}",
+        f"{path}:29:40 events.limited.trigger.signal: a threshold trigger needs a numeric "
+        f"(float or integer) signal; {labels}",
+        f"{path}:32:53 events.banded.trigger.deadband: a deadband needs a numeric (float or "
+        f"integer) signal; {labels}",
+    ]
+
+
+def test_from_and_to_states_are_checked_against_the_enum(tmp_path: Path) -> None:
+    """Each unknown state is located at its list item, with a suggestion and the states."""
+    block = "      kind: transition\n      signal: state\n      from: [Idle, Runing]\n      to: [Falt]\n"
+    path = write(tmp_path, "m.yaml", with_trigger(block, ENUM_STATE))
+    states = "states of signal 'state' (its enum): Idle, Running, Fault"
+    assert findings(tmp_path) == [
+        f"{path}:21:20 events.state_changed.trigger.from[1]: unknown state 'Runing' (did you "
+        f"mean 'Running'?); {states}",
+        f"{path}:22:12 events.state_changed.trigger.to[0]: unknown state 'Falt' (did you mean "
+        f"'Fault'?); {states}",
+    ]
+
+
+def test_from_and_to_are_free_on_a_string_signal_without_enum(tmp_path: Path) -> None:
+    """Without an enum the states are whatever arrives: nothing to check them against."""
+    write(
+        tmp_path,
+        "m.yaml",
+        with_trigger("      kind: transition\n      signal: state\n      to: [Anything]\n"),
+    )
+    (file,) = load_mappings(tmp_path, MQTT)
+    trigger = file.spec.events["state_changed"].trigger
+    assert isinstance(trigger, spec.TransitionTrigger) and trigger.to == ["Anything"]
+
+
+def test_unknown_key_in_a_transition_lists_from_by_its_yaml_name(tmp_path: Path) -> None:
+    """``from`` is a Python keyword (the model field is ``from_``); users only see ``from``."""
+    block = "      kind: transition\n      signal: state\n      form: [Idle]\n"
+    path = write(tmp_path, "m.yaml", with_trigger(block))
+    assert findings(tmp_path) == [
+        f"{path}:20:7 events.state_changed.trigger.form: unknown key 'form' (did you mean "
+        f"'from'?); allowed here: kind, signal, from, to, on_first_value"
+    ]
+
+
+def test_an_error_inside_an_edge_trigger_is_located_at_its_own_key(tmp_path: Path) -> None:
+    """The union tag ``edge`` is also a key of edge triggers; the finding still points at the
+    key in error, not at ``edge``."""
+    block = "      kind: edge\n      signal: state\n      edge: rising\n      min_duration_ms: -5\n"
+    path = write(tmp_path, "m.yaml", with_trigger(block))
+    assert findings(tmp_path)[0] == (
+        f"{path}:21:24 events.state_changed.trigger.min_duration_ms: Input should be greater "
+        f"than 0, got -5"
+    )
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        (
+            "      kind: edge\n      signal: state\n",
+            ":17:5 events.state_changed.trigger.edge: required key 'edge' is missing",
+        ),
+        (
+            "      kind: edge\n      signal: state\n      edge: rise\n",
+            ":20:13 events.state_changed.trigger.edge: expected one of rising, falling, both; "
+            "got 'rise' (did you mean 'rising'?)",
+        ),
+        (
+            "      kind: counter\n      signal: state\n      rollover_at: 65535\n",
+            ":17:5 events.state_changed.trigger: rollover_at needs max_delta: a decrease is a "
+            "rollover only when the counter advanced at most max_delta through the wrap, "
+            "otherwise it is a reset",
+        ),
+        (
+            "      kind: counter\n      signal: state\n      rollover_at: 100\n      max_delta: 101\n",
+            ":17:5 events.state_changed.trigger: max_delta (101) is larger than the counter's "
+            "range (rollover_at 100)",
+        ),
+        (
+            "      kind: counter\n      signal: state\n      on_reset: zero\n",
+            ":20:17 events.state_changed.trigger.on_reset: expected one of ignore, "
+            "count_from_zero; got 'zero'",
+        ),
+        (
+            "      kind: threshold\n      signal: state\n      above: 1\n      below: 2\n",
+            ":17:5 events.state_changed.trigger: a threshold has exactly one limit: above or below",
+        ),
+        (
+            "      kind: threshold\n      signal: state\n",
+            ":17:5 events.state_changed.trigger: a threshold has exactly one limit: above or below",
+        ),
+        (
+            "      kind: threshold\n      signal: state\n      above: 1\n      hysteresis: -1\n",
+            ":21:19 events.state_changed.trigger.hysteresis: Input should be greater than or "
+            "equal to 0, got -1",
+        ),
+        (
+            "      kind: threshold\n      signal: state\n      above: 1\n      crossings: [entre]\n",
+            ":21:19 events.state_changed.trigger.crossings[0]: expected one of enter, leave; "
+            "got 'entre' (did you mean 'enter'?)",
+        ),
+        (
+            "      kind: transition\n      signal: state\n      from: []\n",
+            ":20:13 events.state_changed.trigger.from: List should have at least 1 item",
+        ),
+    ],
+)
+def test_trigger_shape_rules_are_located_findings(
+    tmp_path: Path, block: str, expected: str
+) -> None:
+    """The "exactly one", "needs" and value rules of the new trigger kinds."""
+    path = write(tmp_path, "m.yaml", with_trigger(block))
+    found = findings(tmp_path)
+    assert any(f.startswith(f"{path}{expected}") for f in found), found
+
+
+@pytest.mark.parametrize(
+    ("block", "attribute", "expected"),
+    [
+        (
+            TRIGGER,
+            "delta",
+            "'delta' is an attribute of counter triggers; this event's trigger is on_change, "
+            "which offers none (use {signal: ...} or {previous: ...})",
+        ),
+        (
+            "      kind: transition\n      signal: state\n",
+            "crossing",
+            "'crossing' is an attribute of threshold triggers; this event's trigger is "
+            "transition, which offers state_duration_s",
+        ),
+        (
+            "      kind: counter\n      signal: temperature\n",
+            "state_duration_s",
+            "'state_duration_s' is an attribute of transition, edge and threshold triggers; "
+            "this event's trigger is counter, which offers delta",
+        ),
+    ],
+)
+def test_trigger_attribute_must_be_offered_by_the_events_trigger(
+    tmp_path: Path, block: str, attribute: str, expected: str
+) -> None:
+    """{trigger: x} reads a value the event's own trigger computes; others are located."""
+    text = with_trigger(
+        block,
+        edited(
+            "    type: float\n",
+            "    type: integer\n",
+            edited(
+                "      line: {attribute: line}\n",
+                f"      line: {{attribute: line}}\n      extra: {{trigger: {attribute}}}\n",
+            ),
+        ),
+    )
+    path = write(tmp_path, "m.yaml", text)
+    assert findings(tmp_path) == [
+        f"{path}:23:24 events.state_changed.data.extra.trigger: {expected}"
+    ]
+
+
+def test_misspelt_trigger_attribute_gets_a_suggestion(tmp_path: Path) -> None:
+    """The attribute names are a closed list: a typo is located, with the choices."""
+    text = edited(
+        "      line: {attribute: line}\n",
+        "      line: {attribute: line}\n      extra: {trigger: delt}\n",
+    )
+    path = write(tmp_path, "m.yaml", text)
+    assert findings(tmp_path) == [
+        f"{path}:23:24 events.state_changed.data.extra.trigger: expected one of "
+        f"state_duration_s, delta, crossing, edge; got 'delt' (did you mean 'delta'?)"
+    ]
+
+
+def test_every_trigger_kind_loads_with_its_options(tmp_path: Path) -> None:
+    """A file using every kind and every option loads, with the documented defaults."""
+    text = edited(
+        "    type: float\n",
+        "    type: float\n  door:\n    connection: plant_mqtt\n"
+        "    mqtt: {topic: acme/plant1/test/line1/m1/io, value_path: door}\n"
+        "    type: boolean\n  count:\n    connection: plant_mqtt\n"
+        "    mqtt: {topic: acme/plant1/test/line1/m1/io, value_path: count}\n"
+        "    type: integer\n",
+        ENUM_STATE,
+    ) + (
+        "  t:\n    type: a.T.v1\n"
+        "    trigger: {kind: transition, signal: state, from: [Idle], to: [Running, Fault]}\n"
+        "  e:\n    type: a.E.v1\n"
+        "    trigger: {kind: edge, signal: door, edge: both, min_duration_ms: 250}\n"
+        "  c:\n    type: a.C.v1\n"
+        "    trigger: {kind: counter, signal: count, rollover_at: 65535, max_delta: 10,"
+        " on_reset: count_from_zero}\n"
+        "  h:\n    type: a.H.v1\n"
+        "    trigger: {kind: threshold, signal: temperature, below: 5, hysteresis: 0.5}\n"
+    )
+    write(tmp_path, "m.yaml", text)
+    (file,) = load_mappings(tmp_path, MQTT)
+    triggers = {name: event.trigger for name, event in file.spec.events.items()}
+    t, e, c, h = triggers["t"], triggers["e"], triggers["c"], triggers["h"]
+    assert isinstance(t, spec.TransitionTrigger)
+    assert (t.from_, t.to, t.on_first_value) == (["Idle"], ["Running", "Fault"], "skip")
+    assert isinstance(e, spec.EdgeTrigger)
+    assert (e.edge, e.min_duration_ms, e.on_first_value) == ("both", 250, "skip")
+    assert isinstance(c, spec.CounterTrigger)
+    assert (c.rollover_at, c.max_delta, c.on_reset) == (65535, 10, "count_from_zero")
+    assert isinstance(h, spec.ThresholdTrigger)
+    assert (h.above, h.below, h.hysteresis, h.crossings) == (None, 5.0, 0.5, ["enter", "leave"])
+    assert h.on_first_value == "skip"
+
+
 # --- files and directories ---------------------------------------------------------------
 
 
@@ -519,7 +941,7 @@ def test_examples_copied_elsewhere_still_load(tmp_path: Path) -> None:
     """Nothing in the examples depends on where the directory is."""
     for path in MAPPINGS.glob("*.yaml"):
         shutil.copy(path, tmp_path / path.name)
-    assert len(load_mappings(tmp_path, MQTT)) == 3
+    assert len(load_mappings(tmp_path, MQTT)) == 4
 
 
 # --- the model itself --------------------------------------------------------------------

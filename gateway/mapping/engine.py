@@ -1,26 +1,47 @@
 """The Mapper: Signals in, DomainEvents out, by the rules of the mapping files.
 
 Everything that can be decided from the files is decided once, at construction: an index
-``(connection, tag) -> bindings``, one value converter per signal, one data extractor per event
-field, the ``source`` string per connection. :meth:`Mapper.map` then does dictionary lookups,
-comparisons and one :class:`~gateway.model.DomainEvent` per fired event: no pydantic, no uuid,
-no datetime. It is synchronous and never raises on a reading; call it from one thread (the
-daemon's event loop).
+``(connection, tag) -> bindings``, one value converter per signal (type, scale, offset, enum),
+one evaluator object per event (a :class:`_Rule` subclass per trigger kind, its options
+precomputed), one data extractor per event field, the ``source`` string per connection.
+:meth:`Mapper.map` then does dictionary lookups, comparisons and one
+:class:`~gateway.model.DomainEvent` per fired event: no pydantic, no uuid, no datetime. It is
+synchronous and never raises on a reading; call it, and :meth:`Mapper.tick`, from one thread
+(the daemon's event loop).
 
-State, per signal per file (two files reading one tag keep separate state):
+State is explicit and plain, so that it can be saved and restored: one :class:`SignalState` per
+signal per file (:attr:`Mapper.signal_states`) and one state dataclass per event
+(:attr:`Mapper.trigger_states`: :class:`OnChangeState`, :class:`TransitionState`,
+:class:`EdgeState`, :class:`CounterState`, :class:`ThresholdState`), holding only numbers,
+strings, booleans and None. Everything else in the Mapper is derived from the files.
+
+A signal's state (two files reading one tag keep separate state):
 
 - ``value``: the last good converted value (kept through bad readings), null until one arrives;
+  for a signal with ``enum`` codes, the label;
 - ``previous``: the last good value that differed from ``value`` (null until there is one);
 - ``quality``: ``good``, ``uncertain`` or ``bad`` of the latest reading (a value that cannot be
-  converted makes the reading bad; :attr:`Mapper.conversion_errors` counts those).
+  converted, or is not in the signal's ``enum``, makes the reading bad;
+  :attr:`Mapper.conversion_errors` counts those).
 
-Per event, the on_change trigger keeps the last emitted value of its signal (its baseline).
-A good or uncertain reading fires the event when its value differs from the baseline, for
-numbers with a deadband by strictly more than ``absolute`` or ``|baseline| * percent / 100``.
-The first value fires with ``on_first_value: emit`` and only sets the baseline with ``skip``.
-A bad reading never fires. When one reading updates several signals of a file (the same tag
-bound twice), all of them are updated before any trigger is evaluated, so data fields see the
-whole reading.
+Triggers (``docs/mapping.md`` has the user's view):
+
+- ``on_change``: fires when the value differs from the last emitted one (its baseline), for
+  numbers with a deadband by strictly more than ``absolute`` or ``|baseline| * percent / 100``;
+- ``transition``: fires when the state differs from the trigger's current state and passes
+  the ``from``/``to`` filters;
+- ``edge``: fires when a boolean's level changes (after ``min_duration_ms`` of holding the new
+  level, if set: confirmed by a later reading or by :meth:`Mapper.tick`);
+- ``counter``: fires with the increment when a counter rose (rollover, reset and implausible
+  jumps handled as documented on :class:`_CounterRule`);
+- ``threshold``: fires ``enter`` when a number goes beyond its limit, ``leave`` when it is back
+  past the limit minus the hysteresis.
+
+Durations (``state_duration_s``) are in signal time: the reading's source timestamp (its
+receive time when it has none), never the wall clock. A bad reading never fires a trigger and
+never moves its state; it cancels an edge that is waiting out its ``min_duration_ms``. When one
+reading updates several signals of a file (the same tag bound twice), all of them are updated
+before any trigger is evaluated, so data fields see the whole reading.
 """
 
 from __future__ import annotations
@@ -28,19 +49,26 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from gateway.mapping.loader import MappingFile
 from gateway.mapping.spec import (
     AttributeSource,
     ConstSource,
+    CounterTrigger,
     DataSource,
+    EdgeTrigger,
     EventSpec,
     MappingSpec,
+    OnChangeTrigger,
     PreviousSource,
     QualitySource,
     SignalSource,
     SignalSpec,
+    ThresholdTrigger,
+    TransitionTrigger,
+    TriggerSource,
 )
 from gateway.model import DomainEvent, EventIds, Quality, Signal
 
@@ -55,66 +83,168 @@ class ConversionError(ValueError):
     """A raw value does not convert to its signal's type; the message says why."""
 
 
-class _SignalState:
+# --- state: plain data, one object per signal and per event --------------------------------
+
+
+@dataclass(slots=True)
+class SignalState:
     """What a file knows of one of its signals."""
 
-    __slots__ = ("convert", "name", "previous", "quality", "reason", "subject", "value")
+    value: Any = None
+    """The last good converted value (the label, for enum codes); None until one arrives."""
+    previous: Any = None
+    """The last good value that differed from ``value``; None until there is one."""
+    quality: str | None = None
+    """Quality of the latest reading: ``good``, ``uncertain`` or ``bad``; None until one."""
+    reason: str | None = None
+    """Why the latest reading is bad, when the mapping decided so (conversion failure)."""
+
+
+@dataclass(slots=True)
+class OnChangeState:
+    """An on_change trigger's baseline: the value of its last emitted event."""
+
+    baseline: Any = None
+    has_baseline: bool = False
+
+
+@dataclass(slots=True)
+class TransitionState:
+    """A transition trigger's current state and when it was entered (signal time)."""
+
+    state: Any = None
+    """The current state; None until the first good reading."""
+    since: float | None = None
+    """When ``state`` was entered; None when it began before the first reading."""
+
+
+@dataclass(slots=True)
+class EdgeState:
+    """An edge trigger's confirmed level, and the level waiting out its debounce."""
+
+    level: bool | None = None
+    """The confirmed level; None until the first one."""
+    since: float | None = None
+    """Signal time the confirmed level began; None when it began before the first reading."""
+    pending: bool | None = None
+    """A new level not yet held for ``min_duration_ms``; None when there is none."""
+    pending_since: float | None = None
+    """Signal time of the first reading at the pending level."""
+    pending_received: float | None = None
+    """Receive time (gateway clock) of that reading, which :meth:`Mapper.tick` compares with."""
+
+
+@dataclass(slots=True)
+class CounterState:
+    """A counter trigger's baseline: the counter value of the last good reading."""
+
+    last: int | None = None
+
+
+@dataclass(slots=True)
+class ThresholdState:
+    """A threshold trigger's side of the limit and since when (signal time)."""
+
+    inside: bool | None = None
+    """Whether the value is in the band; None until the first good reading."""
+    since: float | None = None
+    """When the current side was entered; None when before the first reading."""
+
+
+TriggerState = OnChangeState | TransitionState | EdgeState | CounterState | ThresholdState
+
+
+# --- signals and rules ----------------------------------------------------------------------
+
+
+class _Signal:
+    """One signal of one file: its identity, its converter and its state."""
+
+    __slots__ = ("convert", "name", "st", "subject")
 
     def __init__(self, subject: str, name: str, convert: Converter) -> None:
         self.subject = subject
         self.name = name
         self.convert = convert
-        self.value: Any = None
-        self.previous: Any = None
-        self.quality: str | None = None
-        self.reason: str | None = None
-        """Why the latest reading is bad, when the mapping decided so (conversion failure)."""
+        self.st = SignalState()
+
+
+def _duration(start: float | None, end: float) -> float | None:
+    """``end - start`` in seconds; None when the start is unknown or after the end (clock
+    jumped back)."""
+    if start is None or end < start:
+        return None
+    return end - start
 
 
 class _Rule:
-    """One event of one file: its on_change trigger, baseline and data extractors."""
+    """One event of one file: its trigger evaluator, state and data extractors.
 
-    __slots__ = (
-        "absolute",
-        "baseline",
-        "dataschema",
-        "fields",
-        "has_baseline",
-        "ratio",
-        "skip_first",
-        "state",
-        "subject",
-        "type",
-    )
+    Subclasses implement :meth:`fires` for their trigger kind and keep the trigger's state in
+    ``st`` (a state dataclass). Values a trigger computes for ``{trigger: <attribute>}`` data
+    fields live in slots named by :attr:`OUTPUTS`.
+    """
+
+    __slots__ = ("dataschema", "event_id", "fields", "signal", "source", "subject", "type")
+
+    OUTPUTS: ClassVar[dict[str, str]] = {}
+    """Trigger attribute (``{trigger: x}``) -> the slot holding its latest value."""
+    st: TriggerState
+    """The trigger's state (each subclass has a slot of its own state class)."""
 
     def __init__(
         self,
+        trigger: Any,
+        event_id: str,
         event: EventSpec,
         subject: str,
-        states: dict[str, _SignalState],
+        signals: dict[str, _Signal],
         attributes: dict[str, Any],
+        source: str,
     ) -> None:
-        trigger = event.trigger
+        self.event_id = event_id
         self.type = event.type
         self.subject = subject
         self.dataschema = event.dataschema
-        self.state = states[trigger.signal]
+        self.source = source
+        self.signal = signals[event.trigger.signal].st
         self.fields = tuple(
-            (name, _extractor(src, states, attributes)) for name, src in event.data.items()
+            (name, _extractor(src, signals, attributes, self)) for name, src in event.data.items()
         )
+
+    def fires(self, value: Any, t: float, received: float) -> bool:
+        """Whether a good reading (converted ``value``, signal time ``t``, gateway receive time
+        ``received``) fires the event; updates the trigger's state either way."""
+        raise NotImplementedError
+
+    def interrupt(self) -> None:
+        """A bad reading of the signal arrived (state triggers do not move)."""
+
+    def data(self) -> dict[str, Any]:
+        """The event's data object, built from the current state."""
+        return {name: get() for name, get in self.fields}
+
+
+class _OnChangeRule(_Rule):
+    __slots__ = ("absolute", "ratio", "skip_first", "st")
+
+    st: OnChangeState
+
+    def __init__(self, trigger: OnChangeTrigger, *args: Any) -> None:
+        super().__init__(trigger, *args)
         deadband = trigger.deadband
         self.absolute = deadband.absolute if deadband is not None else None
         self.ratio = deadband.percent / 100.0 if deadband and deadband.percent is not None else None
         self.skip_first = trigger.on_first_value == "skip"
-        self.baseline: Any = None
-        self.has_baseline = False
+        self.st = OnChangeState()
 
-    def fires(self, value: Any) -> bool:
-        """Whether ``value`` (good, converted) is a change; moves the baseline when it is."""
-        if not self.has_baseline:
-            self.baseline, self.has_baseline = value, True
+    def fires(self, value: Any, t: float, received: float) -> bool:
+        """A change from the baseline (beyond the deadband) fires and moves the baseline."""
+        st = self.st
+        if not st.has_baseline:
+            st.baseline, st.has_baseline = value, True
             return not self.skip_first
-        base = self.baseline
+        base = st.baseline
         changed: bool
         if self.absolute is not None:
             changed = abs(value - base) > self.absolute
@@ -123,23 +253,246 @@ class _Rule:
         else:
             changed = value != base
         if changed:
-            self.baseline = value
+            st.baseline = value
         return changed
 
-    def data(self) -> dict[str, Any]:
-        """The event's data object, built from the current state."""
-        return {name: get() for name, get in self.fields}
+
+class _TransitionRule(_Rule):
+    __slots__ = ("duration", "emit_first", "sources", "st", "targets")
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"state_duration_s": "duration"}
+
+    st: TransitionState
+
+    def __init__(self, trigger: TransitionTrigger, *args: Any) -> None:
+        super().__init__(trigger, *args)
+        self.sources = frozenset(trigger.from_) if trigger.from_ is not None else None
+        self.targets = frozenset(trigger.to) if trigger.to is not None else None
+        self.emit_first = trigger.on_first_value == "emit"
+        self.duration: float | None = None
+        self.st = TransitionState()
+
+    def fires(self, value: Any, t: float, received: float) -> bool:
+        """A state other than the current one is a transition; the filters decide if it fires.
+
+        The first state has no previous state: with ``emit`` it fires unless a ``from``
+        filter is set (an unknown state is in no list).
+        """
+        st = self.st
+        before = st.state
+        if value == before:
+            return False
+        targets = self.targets
+        if before is None:
+            st.state = value
+            self.duration = None
+            return (
+                self.emit_first and self.sources is None and (targets is None or value in targets)
+            )
+        self.duration = _duration(st.since, t)
+        st.state, st.since = value, t
+        sources = self.sources
+        return (sources is None or before in sources) and (targets is None or value in targets)
+
+
+class _EdgeRule(_Rule):
+    __slots__ = ("duration", "edge", "emit_first", "min_s", "on_falling", "on_rising", "st")
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"edge": "edge", "state_duration_s": "duration"}
+
+    st: EdgeState
+
+    def __init__(self, trigger: EdgeTrigger, *args: Any) -> None:
+        super().__init__(trigger, *args)
+        self.on_rising = trigger.edge in ("rising", "both")
+        self.on_falling = trigger.edge in ("falling", "both")
+        ms = trigger.min_duration_ms
+        self.min_s = ms / 1000.0 if ms is not None else 0.0
+        self.emit_first = trigger.on_first_value == "emit"
+        self.duration: float | None = None
+        self.edge: str | None = None
+        self.st = EdgeState()
+
+    @property
+    def debounced(self) -> bool:
+        return self.min_s > 0
+
+    def fires(self, value: Any, t: float, received: float) -> bool:
+        """A level other than the confirmed one becomes pending; it is confirmed (and may fire)
+        once it has held ``min_s`` seconds of signal time. The confirmed level again cancels
+        the pending one (a bounce)."""
+        st = self.st
+        if value == st.level:
+            st.pending = None
+            return False
+        if st.level is None and not self.emit_first:
+            st.level = value
+            return False
+        if st.pending != value:
+            st.pending, st.pending_since, st.pending_received = value, t, received
+        pending_since = st.pending_since
+        if pending_since is not None and t - pending_since >= self.min_s:
+            return self.confirm()
+        return False
+
+    def held(self, now: float) -> float | None:
+        """For :meth:`Mapper.tick`: the signal time at which the pending level completed its
+        ``min_s`` if the gateway clock says it has (``now`` minus its receive time), else None."""
+        st = self.st
+        if st.pending is None or st.pending_received is None or st.pending_since is None:
+            return None
+        if now - st.pending_received < self.min_s:
+            return None
+        return st.pending_since + self.min_s
+
+    def confirm(self) -> bool:
+        """The pending level becomes the level; whether that edge fires."""
+        st = self.st
+        level, start = bool(st.pending), st.pending_since
+        assert start is not None
+        self.duration = _duration(st.since, start)
+        st.level, st.since = level, start
+        st.pending = st.pending_since = st.pending_received = None
+        self.edge = "rising" if level else "falling"
+        return self.on_rising if level else self.on_falling
+
+    def interrupt(self) -> None:
+        """A bad reading: the pending level did not demonstrably hold; it starts over."""
+        st = self.st
+        st.pending = st.pending_since = st.pending_received = None
+
+
+class _CounterRule(_Rule):
+    """Counter increments.
+
+    - First good value: the baseline (no event, no delta).
+    - Increase by ``d``: fires with ``delta = d``; above ``max_delta`` it is a jump: counted in
+      ``jumps``, no event, the value becomes the baseline (the counter was evidently set).
+    - Decrease with ``rollover_at``: if the wrapped increment ``rollover_at - last + value + 1``
+      is at most ``max_delta`` it is a rollover and fires with that delta.
+    - Any other decrease is a reset, counted in ``resets``: the value becomes the baseline;
+      ``count_from_zero`` fires with ``delta = value`` (if positive and within ``max_delta``),
+      ``ignore`` fires nothing.
+    """
+
+    __slots__ = ("count_from_zero", "delta", "jumps", "max_delta", "resets", "rollover_at", "st")
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"delta": "delta"}
+
+    st: CounterState
+
+    def __init__(self, trigger: CounterTrigger, *args: Any) -> None:
+        super().__init__(trigger, *args)
+        self.rollover_at = trigger.rollover_at
+        self.max_delta = trigger.max_delta
+        self.count_from_zero = trigger.on_reset == "count_from_zero"
+        self.delta: int | None = None
+        self.resets = 0
+        self.jumps = 0
+        self.st = CounterState()
+
+    def fires(self, value: Any, t: float, received: float) -> bool:
+        st = self.st
+        last = st.last
+        st.last = value
+        if last is None or value == last:
+            return False
+        limit = self.max_delta
+        if value > last:
+            delta = value - last
+        else:
+            top = self.rollover_at
+            wrapped = top - last + value + 1 if top is not None and 0 <= value <= last <= top else 0
+            if wrapped > 0 and limit is not None and wrapped <= limit:
+                self.delta = wrapped
+                return True
+            self.resets += 1
+            if not self.count_from_zero or value <= 0:
+                return False
+            delta = value
+        if limit is not None and delta > limit:
+            self.jumps += 1
+            return False
+        self.delta = delta
+        return True
+
+
+class _ThresholdRule(_Rule):
+    """In the band: ``sign * value > enter_at``; it stays in while ``sign * value > stay_at``.
+
+    ``above: a`` is ``sign = 1, enter_at = a, stay_at = a - h``; ``below: b`` is
+    ``sign = -1, enter_at = -b, stay_at = -(b + h)``.
+    """
+
+    __slots__ = (
+        "crossing",
+        "duration",
+        "emit_first",
+        "enter_at",
+        "on_enter",
+        "on_leave",
+        "sign",
+        "st",
+        "stay_at",
+    )
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"crossing": "crossing", "state_duration_s": "duration"}
+
+    st: ThresholdState
+
+    def __init__(self, trigger: ThresholdTrigger, *args: Any) -> None:
+        super().__init__(trigger, *args)
+        h = trigger.hysteresis
+        if trigger.above is not None:
+            self.sign, self.enter_at, self.stay_at = 1, trigger.above, trigger.above - h
+        else:
+            assert trigger.below is not None
+            self.sign, self.enter_at, self.stay_at = -1, -trigger.below, -(trigger.below + h)
+        self.on_enter = "enter" in trigger.crossings
+        self.on_leave = "leave" in trigger.crossings
+        self.emit_first = trigger.on_first_value == "emit"
+        self.crossing: str | None = None
+        self.duration: float | None = None
+        self.st = ThresholdState()
+
+    def fires(self, value: Any, t: float, received: float) -> bool:
+        st = self.st
+        was = st.inside
+        v = self.sign * value
+        inside = v > self.stay_at if was else v > self.enter_at
+        if inside == was:
+            return False
+        if was is None:
+            st.inside = inside
+            if inside and self.emit_first and self.on_enter:
+                self.crossing, self.duration = "enter", None
+                return True
+            return False
+        self.duration = _duration(st.since, t)
+        st.inside, st.since = inside, t
+        if inside:
+            self.crossing = "enter"
+            return self.on_enter
+        self.crossing = "leave"
+        return self.on_leave
+
+
+_RULES: dict[type[Any], type[_Rule]] = {
+    OnChangeTrigger: _OnChangeRule,
+    TransitionTrigger: _TransitionRule,
+    EdgeTrigger: _EdgeRule,
+    CounterTrigger: _CounterRule,
+    ThresholdTrigger: _ThresholdRule,
+}
 
 
 class _Binding:
     """What one reading of one ``(connection, tag)`` touches in one file."""
 
-    __slots__ = ("rules", "source", "states")
+    __slots__ = ("rules", "signals", "source")
 
-    def __init__(
-        self, states: tuple[_SignalState, ...], rules: tuple[_Rule, ...], source: str
-    ) -> None:
-        self.states = states
+    def __init__(self, signals: tuple[_Signal, ...], rules: tuple[_Rule, ...], source: str) -> None:
+        self.signals = signals
         self.rules = rules
         self.source = source
 
@@ -151,10 +504,13 @@ class Mapper:
         files: The mapping files, as given.
         gateway_id: This gateway's id (part of every event's ``source``).
         ids: The event id generator.
-        conversion_errors: Readings whose value did not convert to the signal's type (in total).
+        conversion_errors: Readings whose value did not convert to the signal's type, or was
+            not one of its ``enum`` values (in total).
         conversion_errors_by_signal: The same, per ``(subject, signal name)``.
         last_conversion_error: A sentence on the latest conversion failure, for logs.
         unmatched: Readings that no mapping file binds.
+        signal_states: ``(subject, signal name)`` -> its :class:`SignalState`.
+        trigger_states: ``(subject, event id)`` -> its trigger's state dataclass.
     """
 
     def __init__(
@@ -174,29 +530,74 @@ class Mapper:
         self.conversion_errors_by_signal: Counter[tuple[str, str]] = Counter()
         self.last_conversion_error: str | None = None
         self.unmatched = 0
+        self.signal_states: dict[tuple[str, str], SignalState] = {}
+        self.trigger_states: dict[tuple[str, str], TriggerState] = {}
         self._next_id = self.ids.next
         self._index: dict[tuple[str, str], tuple[_Binding, ...]] = {}
         self._bindings: dict[str, dict[str, Any]] = {}
+        self._counters: list[_CounterRule] = []
+        self._debounced: list[_EdgeRule] = []
         for file in self.files:
             self._add_file(file.spec)
 
     def _add_file(self, spec: MappingSpec) -> None:
         subject = spec.asset.subject
-        states = {
-            name: _SignalState(subject, name, converter(sig)) for name, sig in spec.signals.items()
+        signals = {
+            name: _Signal(subject, name, converter(sig)) for name, sig in spec.signals.items()
         }
         attributes = dict(spec.asset.attributes)
-        rules = [_Rule(ev, subject, states, attributes) for ev in spec.events.values()]
-        by_key: dict[tuple[str, str], list[_SignalState]] = {}
+        rules: list[_Rule] = []
+        for event_id, event in spec.events.items():
+            trigger = event.trigger
+            connection = spec.signals[trigger.signal].connection
+            source = self._source(connection)
+            rule_class = _RULES[type(trigger)]
+            rule = rule_class(trigger, event_id, event, subject, signals, attributes, source)
+            rules.append(rule)
+            self.trigger_states[(subject, event_id)] = rule.st
+            if isinstance(rule, _CounterRule):
+                self._counters.append(rule)
+            if isinstance(rule, _EdgeRule) and rule.debounced:
+                self._debounced.append(rule)
+        by_key: dict[tuple[str, str], list[_Signal]] = {}
         for name, sig in spec.signals.items():
+            self.signal_states[(subject, name)] = signals[name].st
             address = sig.address
-            by_key.setdefault((sig.connection, address.tag), []).append(states[name])
+            by_key.setdefault((sig.connection, address.tag), []).append(signals[name])
             self._bindings.setdefault(sig.connection, {}).setdefault(address.tag, address)
         for key, bound in by_key.items():
-            fired = tuple(rule for rule in rules if rule.state in bound)
-            source = f"/gateways/{self.gateway_id}/connections/{key[0]}"
-            binding = _Binding(tuple(bound), fired, source)
+            states = [s.st for s in bound]
+            fired = tuple(rule for rule in rules if any(rule.signal is st for st in states))
+            binding = _Binding(tuple(bound), fired, self._source(key[0]))
             self._index[key] = (*self._index.get(key, ()), binding)
+
+    def _source(self, connection: str) -> str:
+        return f"/gateways/{self.gateway_id}/connections/{connection}"
+
+    @property
+    def counter_resets(self) -> int:
+        """Counter decreases that were not rollovers (resets), over all counter triggers."""
+        return sum(rule.resets for rule in self._counters)
+
+    @property
+    def counter_resets_by_event(self) -> Counter[tuple[str, str]]:
+        """The same, per ``(subject, event id)`` (events without resets omitted)."""
+        return Counter({(r.subject, r.event_id): r.resets for r in self._counters if r.resets})
+
+    @property
+    def counter_jumps(self) -> int:
+        """Counter increases above ``max_delta``, dropped as implausible, over all triggers."""
+        return sum(rule.jumps for rule in self._counters)
+
+    @property
+    def counter_jumps_by_event(self) -> Counter[tuple[str, str]]:
+        """The same, per ``(subject, event id)`` (events without jumps omitted)."""
+        return Counter({(r.subject, r.event_id): r.jumps for r in self._counters if r.jumps})
+
+    @property
+    def needs_tick(self) -> bool:
+        """Whether any event has a debounced edge trigger (only those need :meth:`tick`)."""
+        return bool(self._debounced)
 
     def bindings(self) -> dict[str, list[Any]]:
         """Connection name -> the distinct address models to read on it (one per tag).
@@ -224,65 +625,112 @@ class Mapper:
         out: list[DomainEvent] = []
         quality = _QUALITY_TEXT.get(signal.quality, Quality.BAD.value)
         raw = signal.value
+        received = signal.receive_time
+        t = signal.source_time
+        if t is None:
+            t = received
+        good = quality != "bad"
         for binding in bound:
-            for state in binding.states:
-                self._update(state, raw, quality)
+            for sig in binding.signals:  # update the state (inlined: the hot path)
+                st = sig.st
+                if not good:
+                    st.quality = quality
+                    st.reason = None
+                    continue
+                try:
+                    value = sig.convert(raw)
+                except ConversionError as exc:
+                    self._conversion_failed(sig, str(exc))
+                    continue
+                before = st.value
+                if before is not None and value != before:
+                    st.previous = before
+                st.value = value
+                st.quality = quality
+                st.reason = None
             for rule in binding.rules:
-                state = rule.state
-                if state.quality != "bad" and rule.fires(state.value):
+                state = rule.signal
+                if state.quality == "bad":
+                    rule.interrupt()
+                elif rule.fires(state.value, t, received):
                     out.append(
                         DomainEvent(
                             self._next_id(),
                             binding.source,
                             rule.type,
                             rule.subject,
-                            signal.time,
+                            t,
                             rule.data(),
                             rule.dataschema,
                         )
                     )
         return out
 
-    def _update(self, state: _SignalState, raw: Any, quality: str) -> None:
-        if quality == "bad":
-            state.quality, state.reason = quality, None
-            return
-        try:
-            value = state.convert(raw)
-        except ConversionError as exc:
-            self._conversion_failed(state, str(exc))
-            return
-        if state.value is not None and value != state.value:
-            state.previous = state.value
-        state.value, state.quality, state.reason = value, quality, None
+    def tick(self, now: float) -> list[DomainEvent]:
+        """The debounced edges whose new level has now held its ``min_duration_ms``.
 
-    def _conversion_failed(self, state: _SignalState, reason: str) -> None:
-        state.quality, state.reason = "bad", reason
+        An edge with ``min_duration_ms`` is confirmed by the next reading of its signal once
+        the new level has held long enough; a signal that is read only on change may not send
+        one. Call this periodically (about once per second) so such an edge still fires: it
+        compares ``now`` with the gateway's receive time of the reading that started the new
+        level (the same clock, so a skewed device clock does not matter). The event's ``time``
+        is in signal time: the new level's first reading's time plus ``min_duration_ms``.
+
+        Args:
+            now: The gateway's current time, Unix seconds (``time.time()``).
+
+        Returns:
+            The fired events, in file order, then event declaration order within a file.
+        """
+        out: list[DomainEvent] = []
+        for rule in self._debounced:
+            at = rule.held(now)
+            if at is not None and rule.confirm():
+                out.append(
+                    DomainEvent(
+                        self._next_id(),
+                        rule.source,
+                        rule.type,
+                        rule.subject,
+                        at,
+                        rule.data(),
+                        rule.dataschema,
+                    )
+                )
+        return out
+
+    def _conversion_failed(self, sig: _Signal, reason: str) -> None:
+        sig.st.quality, sig.st.reason = "bad", reason
         self.conversion_errors += 1
-        self.conversion_errors_by_signal[(state.subject, state.name)] += 1
-        self.last_conversion_error = f"{state.subject} signal {state.name}: {reason}"
+        self.conversion_errors_by_signal[(sig.subject, sig.name)] += 1
+        self.last_conversion_error = f"{sig.subject} signal {sig.name}: {reason}"
 
 
 # --- data extractors -----------------------------------------------------------------------
 
 
 def _extractor(
-    source: DataSource, states: dict[str, _SignalState], attributes: dict[str, Any]
+    source: DataSource, signals: dict[str, _Signal], attributes: dict[str, Any], rule: _Rule
 ) -> Callable[[], Any]:
     """A no-argument function returning the field's current value (names already linted)."""
     if isinstance(source, SignalSource):
-        state = states[source.signal]
+        state = signals[source.signal].st
         return lambda: state.value
     if isinstance(source, PreviousSource):
-        state = states[source.previous]
+        state = signals[source.previous].st
         return lambda: state.previous
     if isinstance(source, QualitySource):
-        state = states[source.quality]
+        state = signals[source.quality].st
         return lambda: state.quality
     if isinstance(source, AttributeSource):
         return _constant(attributes[source.attribute])
     if isinstance(source, ConstSource):
         return _constant(source.const)
+    if isinstance(source, TriggerSource):
+        slot = type(rule).OUTPUTS.get(source.trigger)
+        if slot is None:  # the loader refuses this; a hand-built spec may not
+            raise ValueError(f"{type(rule).__name__} has no attribute {source.trigger!r}")
+        return lambda: getattr(rule, slot)
     raise TypeError(f"unknown data source {source!r}")  # pragma: no cover - the union is closed
 
 
@@ -294,11 +742,44 @@ def _constant(value: Any) -> Callable[[], Any]:
 
 
 def converter(signal: SignalSpec) -> Converter:
-    """The function converting raw readings of ``signal`` to its ``type`` (scale/offset applied).
+    """The function converting raw readings of ``signal`` to its value: ``type``, then
+    ``scale``/``offset``, then ``enum`` (a code becomes its label; a value not listed is
+    refused).
 
     Raises (the returned function):
         ConversionError: when a raw value does not convert.
     """
+    base = _typed_converter(signal)
+    enum = signal.enum
+    if enum is None:
+        return base
+    if isinstance(enum, dict):
+        labels = dict(enum)
+        known = _listing(f"{code!r}: {label}" for code, label in labels.items())
+
+        def to_label(raw: Any) -> Any:
+            value = base(raw)
+            try:
+                return labels[value]
+            except (KeyError, TypeError):
+                raise ConversionError(
+                    f"expected one of the enum codes {{{known}}}, got {_show(value)}"
+                ) from None
+
+        return to_label
+    allowed = frozenset(enum)
+    listed = _listing(enum)
+
+    def check(raw: Any) -> Any:
+        value = base(raw)
+        if value in allowed:
+            return value
+        raise ConversionError(f"expected one of the enum states {listed}, got {_show(value)}")
+
+    return check
+
+
+def _typed_converter(signal: SignalSpec) -> Converter:
     if signal.type == "string":
         return _to_string
     if signal.type == "boolean":
@@ -310,6 +791,12 @@ def converter(signal: SignalSpec) -> Converter:
     if signal.type == "integer":
         scale, offset = int(scale), int(offset)
     return lambda raw: base(raw) * scale + offset
+
+
+def _listing(items: Any, limit: int = 12) -> str:
+    shown = list(items)
+    more = len(shown) - limit
+    return ", ".join(shown[:limit]) + (f", ... ({more} more)" if more > 0 else "")
 
 
 def _to_string(raw: Any) -> str:

@@ -6,7 +6,10 @@ Steps, per file, in name order (``*.yaml`` and ``*.yml``, not recursive, dot-fil
 2. validate against :class:`~gateway.mapping.spec.MappingSpec` (shape, types, patterns);
 3. lint what the schema cannot see: references to signals and attributes of the file, the
    connection of each signal (known, of the protocol of its address block, and of a protocol
-   this version can read), deadbands on numeric signals only.
+   this version can read), and whether each trigger fits its signal: deadbands and thresholds
+   on numbers, transitions on named states (``from``/``to`` among the signal's ``enum``),
+   edges on booleans, counters on integers; ``{trigger: <attribute>}`` data fields name an
+   attribute the event's trigger kind offers.
 
 Then across files: every subject is used by one file only, and one ``(connection, tag)`` is
 read with one set of address settings (the source reads each address once).
@@ -207,16 +210,24 @@ def _misspelt_keys(errors: Sequence[Any], data: Any) -> set[tuple[str | int, ...
 def clean_loc(loc: Sequence[Any], data: Any) -> list[str | int]:
     """The YAML path of a pydantic error location: union tags and ``[key]`` markers removed.
 
-    pydantic inserts a tag after a tagged-union field (``trigger.on_change.signal``,
-    ``data.x.signal-source.signal``). Walking the data tells the two apart: a part that is not a
-    key of the node it applies to, and is not the last part, is a tag; so is anything below a
-    scalar.
+    pydantic inserts a tag after a tagged-union field (``trigger.transition.from``,
+    ``data.x.signal-source.signal``). The models tell where: a part that selects a member of the
+    tagged union being walked is a tag (even when a key of the same name exists, like an edge
+    trigger's ``edge``). Where the models cannot follow, walking the data decides: a part that
+    is not a key of the node it applies to, and is not the last part, is a tag; so is anything
+    below a scalar.
     """
     out: list[str | int] = []
     node = data
+    tp: Any = MappingSpec
     for i, part in enumerate(loc):
         if isinstance(part, str) and "[" in part:
             continue
+        member = _union_member(tp, part)
+        if member is not None:
+            tp = member
+            continue
+        tp = _child(_unwrap(tp), part) if tp is not None else None
         if isinstance(node, dict):
             if part in node:
                 node = node[part]
@@ -270,7 +281,7 @@ def _unknown_key(raw_loc: Sequence[Any]) -> str:
     model = _model_at(raw_loc[:-1])
     if model is None:
         return f"unknown key '{key}'"
-    allowed = list(model.model_fields)
+    allowed = [field.alias or name for name, field in model.model_fields.items()]
     return f"unknown key '{key}'{_did_you_mean(key, allowed)}; allowed here: {', '.join(allowed)}"
 
 
@@ -278,7 +289,8 @@ def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
     """The spec model that validates the node at the raw pydantic ``loc``."""
     tp: Any = MappingSpec
     for part in loc:
-        tp = _child(_unwrap(tp), part)
+        member = _union_member(tp, part)
+        tp = member if member is not None else _child(_unwrap(tp), part)
         if tp is None:
             return None
     tp = _unwrap(tp)
@@ -286,15 +298,33 @@ def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
 
 
 def _child(tp: Any, part: Any) -> Any:
+    """The type of the node ``part`` below a node of type ``tp`` (None when unknown)."""
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        field = tp.model_fields.get(part) if isinstance(part, str) else None
-        return tp if field is None else field.annotation  # not a field: a union tag
-    if typing.get_origin(tp) is dict:
+        if not isinstance(part, str):
+            return None
+        for name, field in tp.model_fields.items():
+            if part in (name, field.alias):
+                return field.annotation
+        return tp  # not a field: a tag pydantic inserted (validators, single-member unions)
+    origin = typing.get_origin(tp)
+    if origin is dict:
         return typing.get_args(tp)[1]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        for member in typing.get_args(tp):
-            if _tag_of(member) == part:
-                return member
+    if origin is list and isinstance(part, int):
+        return typing.get_args(tp)[0]
+    return None
+
+
+def _union_member(tp: Any, part: Any) -> Any:
+    """The member of the tagged union ``tp`` whose tag is ``part``; None if ``tp`` is not a
+    union or no member has that tag."""
+    if tp is None or not isinstance(part, str):
+        return None
+    tp = _unwrap(tp)
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    for member in typing.get_args(tp):
+        if _tag_of(member) == part:
+            return member
     return None
 
 
@@ -309,10 +339,17 @@ def _unwrap(tp: Any) -> Any:
 
 
 def _tag_of(member: Any) -> str | None:
+    """A union member's tag: its ``Tag``, or the literal of its ``kind`` field (the
+    discriminator of triggers)."""
     if typing.get_origin(member) is typing.Annotated:
         for meta in typing.get_args(member)[1:]:
             if isinstance(meta, Tag):
                 return meta.tag
+        member = typing.get_args(member)[0]
+    if isinstance(member, type) and issubclass(member, BaseModel) and "kind" in member.model_fields:
+        kinds = typing.get_args(member.model_fields["kind"].annotation)
+        if len(kinds) == 1 and isinstance(kinds[0], str):
+            return kinds[0]
     return None
 
 
@@ -427,18 +464,8 @@ def _lint_event(
     trigger = event.trigger
     out = _check_signal(view, trigger.signal, [*base, "trigger", "signal"], located)
     signal = (view.signals or {}).get(trigger.signal)
-    if (
-        trigger.deadband is not None
-        and signal is not None
-        and signal.type not in spec.NUMERIC_TYPES
-    ):
-        out.append(
-            located.finding(
-                [*base, "trigger", "deadband"],
-                f"a deadband needs a numeric (float or integer) signal; "
-                f"'{trigger.signal}' is of type {signal.type}",
-            )
-        )
+    if signal is not None:
+        out += _lint_trigger(trigger, signal, [*base, "trigger"], located)
     for field, source in event.data.items():
         where: list[str | int] = [*base, "data", field]
         if isinstance(source, spec.AttributeSource):
@@ -449,7 +476,136 @@ def _lint_event(
             out += _check_signal(view, source.previous, [*where, "previous"], located)
         elif isinstance(source, spec.QualitySource):
             out += _check_signal(view, source.quality, [*where, "quality"], located)
+        elif isinstance(source, spec.TriggerSource):
+            out += _check_trigger_attribute(trigger.kind, source.trigger, where, located)
     return out
+
+
+def _lint_trigger(
+    trigger: spec.Trigger, signal: SignalSpec, path: list[str | int], located: yamlfile.Located
+) -> list[Finding]:
+    """Whether the trigger fits the type (and enum) of its signal."""
+    name = trigger.signal
+    at_signal: list[str | int] = [*path, "signal"]
+    is_number = signal.type in spec.NUMERIC_TYPES and signal.enum is None
+    if isinstance(trigger, spec.OnChangeTrigger):
+        if trigger.deadband is not None and not is_number:
+            return [
+                located.finding(
+                    [*path, "deadband"],
+                    f"a deadband needs a numeric (float or integer) signal; {_typed(signal, name)}",
+                )
+            ]
+        return []
+    if isinstance(trigger, spec.ThresholdTrigger):
+        if not is_number:
+            return [
+                located.finding(
+                    at_signal,
+                    f"a threshold trigger needs a numeric (float or integer) signal; "
+                    f"{_typed(signal, name)}",
+                    at_value=True,
+                )
+            ]
+        return []
+    if isinstance(trigger, spec.CounterTrigger):
+        if signal.type != "integer" or signal.enum is not None:
+            return [
+                located.finding(
+                    at_signal,
+                    f"a counter trigger needs an integer signal; {_typed(signal, name)}",
+                    at_value=True,
+                )
+            ]
+        return []
+    if isinstance(trigger, spec.EdgeTrigger):
+        if signal.type != "boolean":
+            hint = (
+                " (for a number crossing a limit use kind: threshold)"
+                if signal.type in spec.NUMERIC_TYPES and signal.enum is None
+                else " (for named states use kind: transition)"
+            )
+            return [
+                located.finding(
+                    at_signal,
+                    f"an edge trigger needs a boolean signal; {_typed(signal, name)}{hint}",
+                    at_value=True,
+                )
+            ]
+        return []
+    return _lint_transition(trigger, signal, path, located)
+
+
+def _lint_transition(
+    trigger: spec.TransitionTrigger,
+    signal: SignalSpec,
+    path: list[str | int],
+    located: yamlfile.Located,
+) -> list[Finding]:
+    name = trigger.signal
+    if not (
+        signal.type == "string" or (signal.type == "integer" and isinstance(signal.enum, dict))
+    ):
+        hint = {
+            "integer": " (give it an enum mapping codes to state names, e.g. "
+            "{0: Idle, 1: Running})",
+            "boolean": " (for a boolean use kind: edge)",
+            "float": " (for a number crossing a limit use kind: threshold)",
+        }[signal.type]
+        return [
+            located.finding(
+                [*path, "signal"],
+                f"a transition trigger needs a signal with named states (a string signal, or an "
+                f"integer signal with an enum); {_typed(signal, name)}{hint}",
+                at_value=True,
+            )
+        ]
+    states = spec.enum_states(signal)
+    if states is None:
+        return []
+    out: list[Finding] = []
+    for key, listed in (("from", trigger.from_), ("to", trigger.to)):
+        for i, state in enumerate(listed or ()):
+            if state not in states:
+                out.append(
+                    located.finding(
+                        [*path, key, i],
+                        f"unknown state '{state}'{_did_you_mean(state, states)}; states of "
+                        f"signal '{name}' (its enum): {', '.join(states)}",
+                        at_value=True,
+                    )
+                )
+    return out
+
+
+def _typed(signal: SignalSpec, name: str) -> str:
+    """``'x' is of type float`` (or ``... an integer signal with enum labels``)."""
+    if signal.enum is not None and signal.type in spec.NUMERIC_TYPES:
+        return f"'{name}' is an {signal.type} signal with an enum (its values are the labels)"
+    return f"'{name}' is of type {signal.type}"
+
+
+def _and(words: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _check_trigger_attribute(
+    kind: str, attribute: str, where: list[str | int], located: yamlfile.Located
+) -> list[Finding]:
+    offered = spec.TRIGGER_ATTRIBUTES[kind]
+    if attribute in offered:
+        return []
+    if offered:
+        available = f"which offers {', '.join(offered)}"
+    else:
+        available = "which offers none (use {signal: ...} or {previous: ...})"
+    users = [k for k, attrs in spec.TRIGGER_ATTRIBUTES.items() if attribute in attrs]
+    message = (
+        f"'{attribute}' is an attribute of {_and(users)} triggers; this event's "
+        f"trigger is {kind}, {available}"
+    )
+    return [located.finding([*where, "trigger"], message, at_value=True)]
 
 
 def _check_signal(

@@ -29,9 +29,16 @@ connections are checked by :mod:`gateway.mapping.loader`):
   (:data:`PROTOCOL_BLOCKS`), so adding OPC UA is adding an ``opcua`` field and an entry there;
 - ``scale``/``offset`` only on numeric signals, whole numbers on ``integer`` ones (an integer
   signal stays an integer);
-- a trigger is a tagged union on ``kind`` (only ``on_change`` today); a data field has exactly
-  one source key (``signal``, ``previous``, ``attribute``, ``const``, ``quality``);
-- a deadband has exactly one of ``absolute`` or ``percent``.
+- ``enum`` labels: a mapping of codes to labels on ``integer`` and ``string`` signals (codes of
+  the signal's type), a list of allowed states on ``string`` signals only;
+- a trigger is a tagged union on ``kind`` (``on_change``, ``transition``, ``edge``, ``counter``,
+  ``threshold``); a data field has exactly one source key (:data:`DATA_SOURCE_KINDS`);
+- a deadband has exactly one of ``absolute`` or ``percent``; a threshold exactly one of
+  ``above`` or ``below``; a counter's ``rollover_at`` comes with ``max_delta``.
+
+Which signal types a trigger accepts, whether ``from``/``to`` name states of the signal's
+``enum``, and which ``{trigger: <attribute>}`` a trigger offers (:data:`TRIGGER_ATTRIBUTES`) need
+the rest of the file: the loader checks them.
 
 The models give the JSON Schema of the format (``MappingSpec.model_json_schema()``): every field
 has a description, and the "exactly one" rules are expressed with ``oneOf`` as well.
@@ -40,6 +47,7 @@ has a description, and the "exactly one" rules are expressed with ``oneOf`` as w
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -80,8 +88,27 @@ NUMERIC_TYPES: frozenset[str] = frozenset({"float", "integer"})
 PROTOCOL_BLOCKS: dict[str, type[Strict]] = {"mqtt": MqttAddress}
 """Protocol name -> its address model; a signal field of the same name holds the block."""
 
-DATA_SOURCE_KINDS: tuple[str, ...] = ("signal", "previous", "attribute", "const", "quality")
+DATA_SOURCE_KINDS: tuple[str, ...] = (
+    "signal",
+    "previous",
+    "attribute",
+    "const",
+    "quality",
+    "trigger",
+)
 """The keys a data field may use, exactly one per field."""
+
+TriggerAttribute = Literal["state_duration_s", "delta", "crossing", "edge"]
+"""What ``{trigger: <attribute>}`` can read of the trigger that fired the event."""
+
+TRIGGER_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "on_change": (),
+    "transition": ("state_duration_s",),
+    "edge": ("edge", "state_duration_s"),
+    "counter": ("delta",),
+    "threshold": ("crossing", "state_duration_s"),
+}
+"""Trigger kind -> the attributes its events can read with ``{trigger: <attribute>}``."""
 
 SignalName = Annotated[str, Field(pattern=NAME_PATTERN, examples=["state", "temperature"])]
 EventName = Annotated[str, Field(pattern=NAME_PATTERN, examples=["machine_state_changed"])]
@@ -126,6 +153,81 @@ ScalarOrNull = Annotated[
     PlainValidator(_scalar_or_null),
     WithJsonSchema({"type": ["string", "number", "boolean", "null"]}),
 ]
+
+
+def _enum_labels(value: Any) -> dict[int | str, str] | list[str]:
+    """Shape of ``enum``: a non-empty mapping code -> label, or a non-empty list of labels."""
+    if isinstance(value, dict):
+        if not value:
+            raise ValueError("an enum needs at least one code: label entry")
+        for code, label in value.items():
+            if isinstance(code, bool) or not isinstance(code, (int, str)):
+                raise ValueError(
+                    f"enum codes are whole numbers or strings, got {_kind(code)} ({code!r})"
+                )
+            _label(label, f"the label of code {code!r}")
+        return dict(value)
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an enum needs at least one state")
+        for label in value:
+            _label(label, "an enum state")
+        twice = sorted({label for label in value if value.count(label) > 1})
+        if twice:
+            raise ValueError(f"enum states are listed once each; repeated: {', '.join(twice)}")
+        return list(value)
+    raise ValueError(
+        f"expected a mapping of codes to labels ({{0: Idle, 1: Running}}) or a list of states "
+        f"([Idle, Running]), found {_kind(value)}"
+    )
+
+
+def _whole_number(code: int | str) -> int | None:
+    """An enum code as an integer (``3`` or ``"3"``, as YAML keys arrive); None if it is not."""
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    if isinstance(code, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", code):
+        return int(code)
+    return None
+
+
+def _label(label: Any, what: str) -> None:
+    if not isinstance(label, str) or not label.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {label!r}")
+
+
+EnumLabels = Annotated[
+    dict[int | str, str] | list[str],
+    PlainValidator(_enum_labels),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "minProperties": 1,
+                    "additionalProperties": {"type": "string", "minLength": 1},
+                },
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "uniqueItems": True,
+                    "items": {"type": "string", "minLength": 1},
+                },
+            ]
+        }
+    ),
+]
+"""``{code: label}`` or ``[label, ...]``; which form fits which signal type is checked by
+:class:`SignalSpec`."""
+
+
+def enum_states(signal: SignalSpec) -> list[str] | None:
+    """The state names of a signal with ``enum`` (labels in order, each once), else None."""
+    enum = signal.enum
+    if enum is None:
+        return None
+    labels = enum.values() if isinstance(enum, dict) else enum
+    return list(dict.fromkeys(labels))
 
 
 def _exactly_one_of(schema: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -174,6 +276,18 @@ class SignalSpec(Strict):
     """Type of the converted value: ``float`` and ``integer`` accept numbers and numeric
     strings; ``boolean`` accepts booleans, 0/1 and "true"/"false"; ``string`` accepts any
     scalar. A value that cannot be converted is a bad-quality reading."""
+    enum: EnumLabels | None = Field(
+        default=None,
+        examples=[
+            {0: "Idle", 1: "Setup", 2: "Running", 3: "Fault"},
+            ["Idle", "Setup", "Running", "Fault"],
+        ],
+    )
+    """Named states. A mapping ``{code: label}`` (integer signals: whole-number codes; string
+    signals: string codes) turns each raw code into its label, and the label is the value that
+    triggers and data fields see. A list ``[Idle, Running]`` (string signals only) names the
+    allowed states. A value that is not listed is a bad-quality reading, counted as a
+    conversion error."""
     unit: str | None = Field(default=None, examples=["degC", "rpm", "bar"])
     """Engineering unit, free text, for humans and the catalog."""
     scale: float = Field(default=1.0, strict=True, allow_inf_nan=False, examples=[0.1])
@@ -197,6 +311,43 @@ class SignalSpec(Strict):
                 f"got {value!r} (declare the signal as float to scale by a fraction)"
             )
         return value
+
+    @field_validator("enum")
+    @classmethod
+    def _enum_fits_type(
+        cls, value: dict[int | str, str] | list[str] | None, info: ValidationInfo
+    ) -> dict[int | str, str] | list[str] | None:
+        kind = info.data.get("type")
+        if value is None or kind is None:
+            return value
+        if kind not in ("integer", "string"):
+            raise ValueError(
+                f"enum applies to integer signals (codes -> labels) and string signals, "
+                f"this signal is of type {kind}"
+            )
+        if isinstance(value, list):
+            if kind == "integer":
+                raise ValueError(
+                    "an integer signal's enum maps codes to labels, e.g. {0: Idle, 1: Running}; "
+                    "a list of states applies to string signals"
+                )
+            return value
+        # YAML mapping keys arrive as text (0: Idle is {"0": "Idle"}): codes are normalised to
+        # the signal's type here, so the engine compares them with converted values.
+        if kind == "string":
+            return {str(code): label for code, label in value.items()}
+        codes: dict[int | str, str] = {}
+        for code, label in value.items():
+            number = _whole_number(code)
+            if number is None:
+                raise ValueError(
+                    f"enum code {code!r} is not a whole number; the codes of an integer signal "
+                    f"are whole numbers (declare the signal as string to map text codes)"
+                )
+            if number in codes:
+                raise ValueError(f"enum code {number} is given twice")
+            codes[number] = label
+        return codes
 
     @model_validator(mode="after")
     def _one_address(self) -> SignalSpec:
@@ -258,8 +409,141 @@ class OnChangeTrigger(Strict):
     ``skip``: it only sets the baseline."""
 
 
-Trigger = Annotated[OnChangeTrigger, Field(discriminator="kind")]
-"""Tagged union on ``kind``; later kinds (transition, edge, counter, threshold) join it."""
+StateName = Annotated[str, Field(min_length=1, examples=["Running", "Fault"])]
+Crossing = Literal["enter", "leave"]
+CROSSINGS: tuple[Crossing, ...] = ("enter", "leave")
+FirstValue = Literal["emit", "skip"]
+
+
+class TransitionTrigger(Strict):
+    """Emit when a signal with named states moves from one state to another."""
+
+    kind: Literal["transition"]
+    """Trigger kind; the key that selects the rest of this block."""
+    signal: SignalName
+    """A string signal, or an integer signal with an ``enum`` mapping codes to labels. States
+    are the converted values (the labels)."""
+    from_: list[StateName] | None = Field(
+        default=None,
+        alias="from",
+        min_length=1,
+        description="Fire only for transitions out of one of these states (all when omitted). "
+        "Checked against the signal's enum when it has one.",
+        examples=[["Running"], ["Fault"]],
+    )
+    to: list[StateName] | None = Field(default=None, min_length=1, examples=[["Fault"]])
+    """Fire only for transitions into one of these states (all when omitted). Checked against
+    the signal's enum when it has one."""
+    on_first_value: FirstValue = "skip"
+    """``skip`` (default): the first state seen after start is only remembered; ``emit``: it is
+    an event too (its previous state is null, so a ``from`` filter never matches it)."""
+
+
+class EdgeTrigger(Strict):
+    """Emit when a boolean signal changes level: rising (false -> true), falling, or both."""
+
+    kind: Literal["edge"]
+    """Trigger kind; the key that selects the rest of this block."""
+    signal: SignalName
+    """A boolean signal of this file."""
+    edge: Literal["rising", "falling", "both"] = Field(examples=["rising"])
+    """Which level changes fire: ``rising`` (false -> true), ``falling`` (true -> false) or
+    ``both``; ``{trigger: edge}`` tells which one it was."""
+    min_duration_ms: PositiveNumber | None = Field(default=None, examples=[500, 2000])
+    """Debounce: a new level counts only once it has held this long (measured in signal
+    time; a reading at the same level or the gateway's periodic tick confirms it). A level that
+    flips back sooner, or a bad reading, cancels it. Omitted: every level change counts."""
+    on_first_value: FirstValue = "skip"
+    """``skip`` (default): the first level seen after start is only remembered; ``emit``: it
+    fires as an edge from an unknown level (true as rising, false as falling)."""
+
+
+class CounterTrigger(Strict):
+    """Emit when an integer counter (parts, strokes, cycles) has increased; ``{trigger:
+    delta}`` is the increment."""
+
+    kind: Literal["counter"]
+    """Trigger kind; the key that selects the rest of this block."""
+    signal: SignalName
+    """An integer signal of this file (without enum)."""
+    rollover_at: int | None = Field(default=None, strict=True, gt=0, examples=[65535, 4294967295])
+    """The counter's largest value, after which it wraps to 0 (65535 for a uint16 counter,
+    4294967295 for a uint32). A decrease whose wrapped increment is at most ``max_delta`` is a
+    rollover (65534 -> 2 is +4 with 65535); any other decrease is a reset. Needs ``max_delta``.
+    Omitted: every decrease is a reset."""
+    max_delta: int | None = Field(default=None, strict=True, gt=0, examples=[100, 1000])
+    """The largest plausible increase between two readings. A larger jump fires nothing, is
+    counted, and its value becomes the new baseline. Omitted: no limit."""
+    on_reset: Literal["ignore", "count_from_zero"] = "ignore"
+    """After a reset (a decrease that is not a rollover): ``ignore`` (default) only takes the
+    new value as the baseline, so no part is ever counted twice or invented; ``count_from_zero``
+    also counts the new value as the increment (the counter restarted at 0 and has counted
+    this much since), within ``max_delta``."""
+
+    @model_validator(mode="after")
+    def _rollover_needs_max_delta(self) -> CounterTrigger:
+        if self.rollover_at is not None and self.max_delta is None:
+            raise ValueError(
+                "rollover_at needs max_delta: a decrease is a rollover only when the counter "
+                "advanced at most max_delta through the wrap, otherwise it is a reset (set "
+                "max_delta to the most the counter can plausibly advance between two readings)"
+            )
+        if (
+            self.rollover_at is not None
+            and self.max_delta is not None
+            and self.max_delta > self.rollover_at
+        ):
+            raise ValueError(
+                f"max_delta ({self.max_delta}) is larger than the counter's range "
+                f"(rollover_at {self.rollover_at})"
+            )
+        return self
+
+
+class ThresholdTrigger(Strict):
+    """Emit when a number crosses into a band (above or below a limit) and when it leaves it
+    again, with hysteresis; ``{trigger: crossing}`` is ``enter`` or ``leave``."""
+
+    model_config = ConfigDict(
+        json_schema_extra=lambda schema: _exactly_one_of(schema, ("above", "below"))
+    )
+
+    kind: Literal["threshold"]
+    """Trigger kind; the key that selects the rest of this block."""
+    signal: SignalName
+    """A float or integer signal of this file (without enum)."""
+    above: float | None = Field(default=None, strict=True, allow_inf_nan=False, examples=[860.0])
+    """The band is ``value > above`` (the limit itself is outside it)."""
+    below: float | None = Field(default=None, strict=True, allow_inf_nan=False, examples=[5.5])
+    """The band is ``value < below`` (the limit itself is outside it)."""
+    hysteresis: float = Field(
+        default=0.0, strict=True, ge=0, allow_inf_nan=False, examples=[2.0, 0.3]
+    )
+    """Once inside, the value leaves the band only when it is back at ``above - hysteresis``
+    or lower (``below + hysteresis`` or higher), so noise at the limit does not flap."""
+    crossings: list[Crossing] = Field(
+        default_factory=lambda: list(CROSSINGS), min_length=1, examples=[["enter"]]
+    )
+    """Which crossings fire the event (default both)."""
+    on_first_value: FirstValue = "skip"
+    """``skip`` (default): the first value only establishes whether the signal is in the
+    band; ``emit``: a first value already in the band fires ``enter`` (one outside never fires)."""
+
+    @model_validator(mode="after")
+    def _exactly_one_limit(self) -> ThresholdTrigger:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("a threshold has exactly one limit: above or below")
+        return self
+
+
+Trigger = Annotated[
+    OnChangeTrigger | TransitionTrigger | EdgeTrigger | CounterTrigger | ThresholdTrigger,
+    Field(discriminator="kind"),
+]
+"""Tagged union on ``kind``."""
+
+TRIGGER_KINDS: tuple[str, ...] = tuple(TRIGGER_ATTRIBUTES)
+"""Every trigger kind, in documentation order."""
 
 
 class SignalSource(Strict):
@@ -297,6 +581,17 @@ class QualitySource(Strict):
     """Signal name."""
 
 
+class TriggerSource(Strict):
+    """A value the event's own trigger computed when it fired (which ones depends on its kind:
+    transition ``state_duration_s``; edge ``edge``, ``state_duration_s``; counter ``delta``;
+    threshold ``crossing``, ``state_duration_s``)."""
+
+    trigger: TriggerAttribute = Field(examples=["delta", "state_duration_s"])
+    """``state_duration_s``: seconds the previous state (level, side of the limit) lasted, in
+    signal time, null when it began before the gateway saw it; ``delta``: the counter
+    increment; ``crossing``: ``enter`` or ``leave``; ``edge``: ``rising`` or ``falling``."""
+
+
 def _source_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         kinds = [kind for kind in DATA_SOURCE_KINDS if kind in value]
@@ -312,7 +607,8 @@ DataSource = Annotated[
     | Annotated[PreviousSource, Tag("previous-source")]
     | Annotated[AttributeSource, Tag("attribute-source")]
     | Annotated[ConstSource, Tag("const-source")]
-    | Annotated[QualitySource, Tag("quality-source")],
+    | Annotated[QualitySource, Tag("quality-source")]
+    | Annotated[TriggerSource, Tag("trigger-source")],
     Discriminator(
         _source_kind,
         custom_error_type="data_source",
@@ -341,7 +637,10 @@ class EventSpec(Strict):
     """When the event fires."""
     data: dict[FieldName, DataSource] = Field(
         default_factory=dict,
-        examples=[{"state": {"signal": "state"}, "previous_state": {"previous": "state"}}],
+        examples=[
+            {"state": {"signal": "state"}, "previous_state": {"previous": "state"}},
+            {"parts": {"trigger": "delta"}},
+        ],
     )
     """The event's ``data`` object: field name -> where its value comes from (declared order
     is kept)."""
