@@ -53,6 +53,7 @@ async def test_sighup_applies_new_mappings_and_rejects_broken_ones(
         gw.proc.send_signal(signal.SIGHUP)
         reloaded = wait_log(gw, "mappings.reloaded")[0]
         assert reloaded["files"] == 2 and reloaded["restarted_sources"] == ["plant_mqtt"]
+        assert reloaded["states_carried_over"] == 1  # m1.n; its event changed, m2 is new
         gw.wait_sources_running()
         publish(client, topic_prefix, "m1", range(4, 6))
         publish(client, topic_prefix, "m2", range(100, 102))

@@ -71,6 +71,10 @@ class Daemon:
                            "Readings whose value did not convert to the signal's type (since start)")
         self.metrics.gauge("mapping_unmatched_signals", lambda: float(self.mapper.unmatched),
                            "Readings no mapping file binds (since start)")
+        self.metrics.gauge("mapping_counter_resets", lambda: float(self.mapper.counter_resets),
+                           "Counter decreases that were resets, not rollovers (since start)")
+        self.metrics.gauge("mapping_counter_jumps", lambda: float(self.mapper.counter_jumps),
+                           "Counter increases above max_delta, dropped as implausible")
         self.started = time.time()
         self._core: list[asyncio.Task[None]] = []
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
@@ -135,6 +139,7 @@ class Daemon:
                           kept_files=len(self.mapper.files))
                 return False
             changed = _changed_bindings(self.mapper.bindings(), mapper.bindings())
+            carried = mapper.adopt_state(self.mapper)
             self.mapper = self.pipeline.mapper = mapper
             restarted = []
             for source in sources:
@@ -150,7 +155,8 @@ class Daemon:
                 restarted.append(name)
             self.sources = sources
             self.metrics.inc("mapping_reloads_total", result="applied")
-            log.info("mappings.reloaded", files=len(files), restarted_sources=sorted(restarted))
+            log.info("mappings.reloaded", files=len(files), restarted_sources=sorted(restarted),
+                     states_carried_over=carried)
             return True
 
     async def _supervise_source(self, source: Source) -> None:

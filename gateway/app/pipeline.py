@@ -28,6 +28,9 @@ from gateway.model import DomainEvent
 from gateway.sources.base import Delivery
 from gateway.trace import Recorder
 
+TICK_S = 1.0
+"""How often time-based triggers (debounced edges) are evaluated without a new reading."""
+
 
 class Pipeline:
     """Maps deliveries and appends the events durably before acknowledging upstream."""
@@ -52,11 +55,36 @@ class Pipeline:
         await self._queue.put(delivery)
 
     async def run(self) -> None:
-        """Process deliveries until cancelled."""
+        """Process deliveries until cancelled; tick the mapper about once per second when its
+        mappings have time-based triggers (debounced edges)."""
+        next_tick = time.monotonic() + TICK_S
         while True:
-            batch = [await self._queue.get()]
+            if self.mapper.needs_tick:
+                try:
+                    first = await asyncio.wait_for(self._queue.get(), max(0.0, next_tick - time.monotonic()))
+                except TimeoutError:
+                    first = None
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK_S
+                    await self._tick()
+                if first is None:
+                    continue
+            else:
+                first = await self._queue.get()
+            batch = [first]
             self._take_more(batch)
             await self._process(batch)
+
+    async def _tick(self) -> None:
+        try:
+            events = self.mapper.tick(time.time())
+        except Exception:  # noqa: BLE001 - a bug in one trigger must not stop the stream
+            self.metrics.inc("events_dropped_total", reason="mapping_error")
+            self._log.exception("pipeline.tick_error")
+            return
+        if events:
+            self.metrics.inc("events_mapped_total", len(events))
+            await self._append(events)
 
     async def drain(self) -> int:
         """Process whatever is queued now (used at shutdown, after the sources stopped)."""

@@ -112,6 +112,7 @@ def run_case(mf: MappingFile, case: MappingTest) -> CaseResult:
         now = CASE_EPOCH + step.at_s if step.at_s is not None else now + 1.0
         signal = Signal(connection=spec.connection, tag=spec.address.tag, value=step.value,
                         quality=Quality(step.quality), source_time=now, receive_time=now)
+        got.extend(mapper.tick(now))
         got.extend(mapper.map(signal))
     result.problems.extend(_compare(case.expect, got))
     return result

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from gateway.mapping.loader import MappingFile
@@ -167,6 +167,12 @@ class _Signal:
         self.name = name
         self.convert = convert
         self.st = SignalState()
+
+
+def _copy_state(source: Any, target: Any) -> None:
+    """Copy a state dataclass field by field (rules hold references to ``target``)."""
+    for f in fields(target):
+        setattr(target, f.name, getattr(source, f.name))
 
 
 def _duration(start: float | None, end: float) -> float | None:
@@ -537,6 +543,8 @@ class Mapper:
         self._bindings: dict[str, dict[str, Any]] = {}
         self._counters: list[_CounterRule] = []
         self._debounced: list[_EdgeRule] = []
+        self._signal_specs: dict[tuple[str, str], Any] = {}
+        self._event_specs: dict[tuple[str, str], tuple[Any, Any]] = {}
         for file in self.files:
             self._add_file(file.spec)
 
@@ -555,6 +563,7 @@ class Mapper:
             rule = rule_class(trigger, event_id, event, subject, signals, attributes, source)
             rules.append(rule)
             self.trigger_states[(subject, event_id)] = rule.st
+            self._event_specs[(subject, event_id)] = (event, spec.signals[trigger.signal])
             if isinstance(rule, _CounterRule):
                 self._counters.append(rule)
             if isinstance(rule, _EdgeRule) and rule.debounced:
@@ -562,6 +571,7 @@ class Mapper:
         by_key: dict[tuple[str, str], list[_Signal]] = {}
         for name, sig in spec.signals.items():
             self.signal_states[(subject, name)] = signals[name].st
+            self._signal_specs[(subject, name)] = sig
             address = sig.address
             by_key.setdefault((sig.connection, address.tag), []).append(signals[name])
             self._bindings.setdefault(sig.connection, {}).setdefault(address.tag, address)
@@ -665,6 +675,31 @@ class Mapper:
                         )
                     )
         return out
+
+    def adopt_state(self, old: Mapper) -> int:
+        """Take over ``old``'s state where nothing changed (hot reload).
+
+        A signal keeps its last value, previous value and quality when its definition (address,
+        type, conversion, labels) is the same in both mappers; an event keeps its trigger state
+        (current state and since when, counter baseline, threshold side, pending edge) when the
+        event and its trigger signal are unchanged. Everything else starts fresh, as at start-up.
+
+        Returns:
+            How many signal and trigger states were carried over.
+        """
+        carried = 0
+        for key, state in self.signal_states.items():
+            before = old.signal_states.get(key)
+            if before is not None and old._signal_specs.get(key) == self._signal_specs[key]:
+                _copy_state(before, state)
+                carried += 1
+        for key, tstate in self.trigger_states.items():
+            previous = old.trigger_states.get(key)
+            if (previous is not None and type(previous) is type(tstate)
+                    and old._event_specs.get(key) == self._event_specs[key]):
+                _copy_state(previous, tstate)
+                carried += 1
+        return carried
 
     def tick(self, now: float) -> list[DomainEvent]:
         """The debounced edges whose new level has now held its ``min_duration_ms``.
