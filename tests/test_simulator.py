@@ -43,6 +43,8 @@ EXPECTED = {
     "acme/plant1/stamping/line2/press08/telemetry": PRESS_KEYS,
     "acme/plant1/heattreat/line1/oven01/state": {"ts", "state"},
     "acme/plant1/heattreat/line1/oven01/telemetry": OVEN_KEYS,
+    "acme/plant1/assembly/line3/cell01/status": {
+        "ts", "mode", "guard_door_open", "cycle_counter", "air_pressure_bar"},
 }
 
 
@@ -101,6 +103,11 @@ def test_publish_once_publishes_the_documented_topics_and_keys(
             assert payload["state"] in (OVEN_STATES if "oven01" in topic else PRESS_STATES)
         elif "oven01" in topic:
             assert all(isinstance(payload[k], float) for k in OVEN_KEYS)
+        elif "cell01" in topic:
+            assert payload["mode"] in (0, 1, 2, 3)
+            assert isinstance(payload["guard_door_open"], bool)
+            assert 0 <= payload["cycle_counter"] <= 65_535
+            assert isinstance(payload["air_pressure_bar"], float)
         else:
             assert isinstance(payload["temperature_c"], float)
             assert isinstance(payload["spindle_speed_rpm"], float)
@@ -209,7 +216,7 @@ def test_main_runs_until_interrupted(mqtt_port: int, subscriber: Subscriber) -> 
     assert err == ""
     lines = out.splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("simulator: press07, press08, oven01 -> mqtt://127.0.0.1:")
+    assert lines[0].startswith("simulator: press07, press08, oven01, cell01 -> mqtt://127.0.0.1:")
     assert lines[1].startswith("simulator: stopped after ")
 
 

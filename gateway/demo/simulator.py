@@ -57,7 +57,7 @@ class Machine:
     """One simulated machine and where it publishes."""
 
     name: str
-    kind: Literal["press", "oven"]
+    kind: Literal["press", "oven", "cell"]
     topic_prefix: str
 
     @property
@@ -72,7 +72,8 @@ class Machine:
 PRESS07 = Machine("press07", "press", "acme/plant1/stamping/line2/press07")
 PRESS08 = Machine("press08", "press", "acme/plant1/stamping/line2/press08")
 OVEN01 = Machine("oven01", "oven", "acme/plant1/heattreat/line1/oven01")
-DEFAULT_MACHINES = (PRESS07, PRESS08, OVEN01)
+CELL01 = Machine("cell01", "cell", "acme/plant1/assembly/line3/cell01")
+DEFAULT_MACHINES = (PRESS07, PRESS08, OVEN01, CELL01)
 
 
 class PressModel:
@@ -188,11 +189,49 @@ class OvenModel:
         ]
 
 
-Model = PressModel | OvenModel
+class CellModel:
+    """A robot assembly cell behind a guard door, as its PLC reports it on one status topic:
+    mode as an integer code (0 Idle, 1 Setup, 2 Running, 3 Fault), the guard door switch
+    (open while the cell stands), a uint16 cycle counter that wraps at 65535, and the air
+    pressure of its supply (sagging now and then)."""
+
+    MODES = ("Idle", "Setup", "Running", "Fault")
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.mode = 2
+        self.remaining_s = rng.uniform(20.0, 60.0)
+        self.door_open = False
+        self.cycles = 65_500 + rng.randrange(0, 30)  # wraps within the first minutes
+        self.air_pressure_bar = 6.2
+
+    def step(self, dt: float) -> None:
+        self.remaining_s -= dt
+        if self.remaining_s <= 0:
+            if self.mode == 2:  # stop for a while: the operator opens the door
+                self.mode, self.door_open = self.rng.choice((0, 1, 3)), True
+                self.remaining_s = self.rng.uniform(5.0, 20.0)
+            else:
+                self.mode, self.door_open = 2, False
+                self.remaining_s = self.rng.uniform(30.0, 90.0)
+        if self.mode == 2:
+            self.cycles = (self.cycles + self.rng.choice((0, 1, 1, 2))) % 65_536
+        sag = 1.2 if self.rng.random() < 0.02 else 0.0
+        self.air_pressure_bar += (6.2 - sag - self.air_pressure_bar) * min(1.0, 0.5 * dt)
+
+    def messages(self, machine: Machine, ts: float) -> list[Message]:
+        return [(f"{machine.topic_prefix}/status", {
+            "ts": ts, "mode": self.mode, "guard_door_open": self.door_open,
+            "cycle_counter": self.cycles, "air_pressure_bar": round(self.air_pressure_bar, 2)})]
+
+
+Model = PressModel | OvenModel | CellModel
 
 
 def model_for(machine: Machine, rng: random.Random) -> Model:
-    return PressModel(rng) if machine.kind == "press" else OvenModel(rng)
+    if machine.kind == "press":
+        return PressModel(rng)
+    return OvenModel(rng) if machine.kind == "oven" else CellModel(rng)
 
 
 class ShopFloorSimulator:
