@@ -137,10 +137,9 @@ def _validate(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from gateway import trace
     from gateway.mapping.engine import Mapper
-    from gateway.model import EventIds
 
     settings, files, _ = _load(args.config)
-    mapper = Mapper(files, settings.gateway.id, EventIds("replay"))
+    mapper = Mapper(files, settings.gateway.id)  # the same ids as live
     signals = events = 0
 
     def counted() -> Iterator[Signal]:

@@ -6,14 +6,19 @@ to take, compare and subtract; they are rendered as RFC 3339 only when an event 
 
 The buffer stores an event as its structured-mode CloudEvent JSON (:meth:`DomainEvent.encode`),
 so an event replayed after a crash is byte-for-byte what was accepted, same ``id`` included.
+
+Event ids are deterministic (:func:`event_id`): the same readings give the same ids, in a replay
+or when MQTT redelivers messages to a restarted gateway, so consumers can deduplicate.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,12 +63,11 @@ class Signal:
 
 
 class EventIds:
-    """Unique, cheap event ids: a random per-run prefix and a counter.
+    """Unique, cheap counter ids: a random per-run prefix and a counter.
 
-    A fresh ``uuid4()`` per event costs more than mapping it; this costs one string format.
-    Ids are assigned once, before the event is buffered, and stored with it, so a replay after a
-    crash carries the id of the first delivery attempt (consumers deduplicate on ``source`` +
-    ``id``, as CloudEvents prescribes).
+    Mapped events have deterministic ids (:func:`event_id`); a Mapper uses an ``EventIds`` only
+    when given one, as an opt-in for tests and tools that want short per-run ids. It also
+    serves code that builds events by hand (tests, benchmarks).
     """
 
     def __init__(self, prefix: str | None = None) -> None:
@@ -74,6 +78,71 @@ class EventIds:
         return f"{self.prefix}-{next(self._counter):x}"
 
 
+EventIdFunction = Callable[[float, str, Any, int], str]
+"""``(time, tag, value, n) -> id``: the ids of one event of one mapping file (see
+:func:`event_id`)."""
+
+
+def event_ids_of(gateway_id: str, subject: str, local_id: str) -> EventIdFunction:
+    """:func:`event_id` with the first three parts fixed, for the mapping engine: their part of
+    the work (the personalisation) is done once, so an id costs one hash block for most
+    readings. The returned function never raises (a value that is not JSON-encodable is hashed
+    as its ``repr``, or, when even that fails, as ``<type name>``)."""
+    person = hashlib.blake2b(
+        _encoder.encode((gateway_id, subject, local_id)), digest_size=16
+    ).digest()
+    base = hashlib.blake2b(digest_size=16, person=person)
+    encode = _encoder.encode
+
+    def ids(time: float, tag: str, value: Any, n: int) -> str:
+        try:
+            message = encode((time + 0.0, tag, value, n))
+        except (TypeError, ValueError, OverflowError):
+            message = encode((time + 0.0, tag, _repr(value), n))
+        h = base.copy()
+        h.update(message)
+        return h.hexdigest()
+
+    return ids
+
+
+def _repr(value: Any) -> str:
+    """``repr(value)``, or its type's name when even that fails (an int of more digits than
+    Python prints)."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"<{type(value).__name__}>"
+
+
+def event_id(
+    gateway_id: str, subject: str, local_id: str, time: float, tag: str, value: Any, n: int = 0
+) -> str:
+    """The id of a mapped event: a deterministic function of what produced it.
+
+    The 32 lower-case hex digits of a BLAKE2b hash with a 16-byte digest of the compact JSON
+    array ``[time, tag, value, n]`` (as :func:`encode_json` writes it: no blanks, UTF-8;
+    ``time`` as a float, so ``5`` and ``5.0`` agree), personalised with the 16-byte BLAKE2b
+    digest of the JSON array ``[gateway_id, subject, local_id]`` (BLAKE2's ``person``
+    parameter: it separates the events without costing a hash block). The parts:
+
+    - ``gateway_id``: the gateway's id (``gateway.id`` of the config);
+    - ``subject``, ``local_id``: the event's asset subject and its id in the mapping file
+      (``events.<local_id>``);
+    - ``time``: the event's time, Unix seconds;
+    - ``tag``, ``value``: the address and raw value of the reading that fired the event; ``""``
+      and null for events no single reading fired (fired by the gateway's clock: a debounced
+      edge confirmed by the periodic check, a signal gone stale, periodic snapshots; and window
+      aggregates, whose window end identifies them whether a reading or the clock closed them);
+    - ``n``: how many events the same trigger already fired at the same ``time`` (0 nearly
+      always; it tells apart, say, two transitions with one timestamp).
+
+    Replaying the same readings, or a broker redelivering them to a restarted gateway, yields
+    the same ids; consumers deduplicate on ``source`` + ``id`` as CloudEvents prescribes.
+    """
+    return event_ids_of(gateway_id, subject, local_id)(time, tag, value, n)
+
+
 @dataclass(slots=True)
 class DomainEvent:
     """A business event in the domain's language, as a CloudEvents 1.0 event.
@@ -81,6 +150,13 @@ class DomainEvent:
     ``type`` is ``<domain>.<EventName>.v<major>``, e.g. ``production.MachineStateChanged.v1``;
     ``subject`` is the asset path (the Kafka key, so per-asset order holds); ``source`` names the
     gateway and connection (``/gateways/<gateway id>/connections/<connection>``).
+
+    ``id`` of a mapped event is deterministic (:func:`event_id`, unless the Mapper was given
+    an :class:`EventIds`): a hash of the gateway id, the subject, the event's id in its mapping
+    file, its time, the tag and raw value of the reading that fired it (none for events the
+    clock fires, nor for window aggregates) and a count of earlier events of the same trigger
+    at the same time. The same readings give the same ids, so consumers can deduplicate a
+    replay or a redelivery.
     """
 
     id: str

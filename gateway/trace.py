@@ -9,7 +9,8 @@ One reading per line, exactly the fields of :class:`~gateway.model.Signal`::
 ``digispine-gateway run --record FILE`` appends every reading the sources deliver (before
 mapping); ``digispine-gateway replay FILE`` feeds a trace through the configured mappings and
 prints the events that would be sent, as structured CloudEvents (one JSON object per line),
-without Kafka. Replays are deterministic: event ids are ``replay-<n>``.
+without Kafka. Event ids are deterministic (see :func:`gateway.model.event_id`): a replay gives
+the ids the live gateway gave the same readings.
 """
 
 from __future__ import annotations

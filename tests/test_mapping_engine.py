@@ -11,7 +11,7 @@ import pytest
 from gateway.mapping import Mapper, load_mappings
 from gateway.mapping.engine import ConversionError, converter
 from gateway.mapping.spec import SignalSpec
-from gateway.model import DomainEvent, EventIds, Quality, Signal, decode_envelope
+from gateway.model import DomainEvent, EventIds, Quality, Signal, decode_envelope, event_id
 from gateway.sources.mqtt import MqttAddress
 
 CONN = "plant_mqtt"
@@ -69,10 +69,10 @@ def machine(
     return MACHINE.format(subject=subject, first=first, deadband=deadband, dataschema=dataschema)
 
 
-def make_mapper(tmp_path: Path, *texts: str, prefix: str = "run") -> Mapper:
+def make_mapper(tmp_path: Path, *texts: str) -> Mapper:
     for i, text in enumerate(texts):
         (tmp_path / f"m{i}.yaml").write_text(text, encoding="utf-8")
-    return Mapper(load_mappings(tmp_path, {CONN: "mqtt"}), "edge-01", EventIds(prefix))
+    return Mapper(load_mappings(tmp_path, {CONN: "mqtt"}), "edge-01")
 
 
 def reading(
@@ -445,11 +445,11 @@ def test_unbound_readings_are_counted_and_map_to_nothing(tmp_path: Path) -> None
 
 def test_event_fields_come_from_the_file_the_gateway_and_the_reading(tmp_path: Path) -> None:
     """source names gateway and connection; type, subject, dataschema come from the file."""
-    m = make_mapper(
-        tmp_path, machine(dataschema="https://schemas.acme.example/ms/v1.json"), prefix="abc"
-    )
+    m = make_mapper(tmp_path, machine(dataschema="https://schemas.acme.example/ms/v1.json"))
     (event,) = m.map(reading(STATE, "Idle"))
-    assert event.id == "abc-1"
+    assert event.id == event_id(
+        "edge-01", "acme/p1/l2/press07", "state_changed", 10.0, STATE, "Idle"
+    )
     assert event.source == "/gateways/edge-01/connections/plant_mqtt"
     assert event.type == "production.MachineStateChanged.v1"
     assert event.subject == "acme/p1/l2/press07"
@@ -471,26 +471,31 @@ def test_event_time_is_the_source_timestamp_else_the_receive_time(tmp_path: Path
 
 
 def test_event_ids_are_unique(tmp_path: Path) -> None:
-    """Every event gets its own id, across events, files and mappers sharing an id source."""
+    """Every event gets its own id, across events and files, and across firings of one trigger
+    at one time (the disambiguator counts them)."""
     m = make_mapper(tmp_path, machine("acme/p1/l2/press07"), machine("acme/p1/l2/press08"))
     ids = [e.id for i in range(500) for e in m.map(reading(STATE, f"s{i % 7}"))]
     assert len(ids) == 1000
     assert len(set(ids)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
-def test_mappers_get_a_random_id_prefix_by_default(tmp_path: Path) -> None:
-    """Without an explicit EventIds, two runs do not produce the same ids."""
+def test_counter_ids_are_an_opt_in(tmp_path: Path) -> None:
+    """Without ids, two mappers give the same (deterministic) ids; an explicit EventIds gives
+    short per-run counter ids instead, for every kind of event."""
     (tmp_path / "m.yaml").write_text(machine(), encoding="utf-8")
     files = load_mappings(tmp_path, {CONN: "mqtt"})
     first = Mapper(files, "edge-01").map(reading(STATE, "Idle"))[0].id
-    second = Mapper(files, "edge-01").map(reading(STATE, "Idle"))[0].id
-    assert first != second
+    assert first == Mapper(files, "edge-01").map(reading(STATE, "Idle"))[0].id
+    counted = Mapper(files, "edge-01", EventIds("x"))
+    ids = [e.id for v in ("Idle", "Running") for e in counted.map(reading(STATE, v))]
+    assert ids == ["x-1", "x-2"]
 
 
 def test_shipped_examples_map_the_simulated_payloads(tmp_path: Path) -> None:
     """The example files turn simulator readings into the documented events."""
     files = load_mappings(Path(__file__).resolve().parent.parent / "mappings", {CONN: "mqtt"})
-    m = Mapper(files, "edge-demo-01", EventIds("demo"))
+    m = Mapper(files, "edge-demo-01")
     base = "acme/plant1/stamping/line2/press07"
     (state,) = m.map(Signal(CONN, f"{base}/state#state", "Running", source_time=1795903771.25))
     assert state.data == {

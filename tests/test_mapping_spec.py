@@ -148,8 +148,9 @@ def test_shipped_examples_emit_the_documented_event_types() -> None:
 
 
 def test_shipped_examples_use_every_trigger_kind_and_enum_form() -> None:
-    """Together the examples show on_change, transition, edge, counter and threshold, and
-    both enum forms (a list of states, a mapping of codes)."""
+    """Together the examples show every trigger kind (on_change, transition, edge, counter,
+    threshold, quality, periodic, window) and both enum forms (a list of states, a mapping of
+    codes)."""
     files = load_mappings(MAPPINGS, MQTT)
     kinds = {e.trigger.kind for f in files for e in f.spec.events.values()}
     assert kinds == set(spec.TRIGGER_KINDS)
@@ -318,7 +319,8 @@ def test_signal_needs_exactly_one_address_block(tmp_path: Path) -> None:
             "      kind: on_change",
             "      kind: on_chnage",
             "events.state_changed.trigger: unknown kind 'on_chnage'; expected one of on_change, "
-            "transition, edge, counter, threshold (did you mean 'on_change'?)",
+            "transition, edge, counter, threshold, quality, periodic, window "
+            "(did you mean 'on_change'?)",
         ),
         (
             "{line: line1}",
@@ -790,7 +792,8 @@ def test_trigger_shape_rules_are_located_findings(
         (
             "      kind: counter\n      signal: temperature\n",
             "state_duration_s",
-            "'state_duration_s' is an attribute of transition, edge and threshold triggers; "
+            "'state_duration_s' is an attribute of transition, edge, threshold and quality "
+            "triggers; "
             "this event's trigger is counter, which offers delta",
         ),
     ],
@@ -817,16 +820,171 @@ def test_trigger_attribute_must_be_offered_by_the_events_trigger(
 
 
 def test_misspelt_trigger_attribute_gets_a_suggestion(tmp_path: Path) -> None:
-    """The attribute names are a closed list: a typo is located, with the choices."""
-    text = edited(
-        "      line: {attribute: line}\n",
-        "      line: {attribute: line}\n      extra: {trigger: delt}\n",
+    """A typo is located, with the closest attribute of the event's own trigger kind."""
+    text = with_trigger(
+        "      kind: counter\n      signal: temperature\n",
+        edited(
+            "    type: float\n",
+            "    type: integer\n",
+            edited(
+                "      line: {attribute: line}\n",
+                "      line: {attribute: line}\n      extra: {trigger: delt}\n",
+            ),
+        ),
     )
     path = write(tmp_path, "m.yaml", text)
     assert findings(tmp_path) == [
-        f"{path}:23:24 events.state_changed.data.extra.trigger: expected one of "
-        f"state_duration_s, delta, crossing, edge; got 'delt' (did you mean 'delta'?)"
+        f"{path}:23:24 events.state_changed.data.extra.trigger: unknown trigger attribute "
+        f"'delt' (did you mean 'delta'?); this event's trigger is counter, which offers delta"
     ]
+
+
+@pytest.mark.parametrize(
+    ("block", "attribute", "expected"),
+    [
+        (
+            "      kind: window\n      signal: temperature\n      every_s: 60\n",
+            "delta",
+            "'delta' is an attribute of counter triggers; this event's trigger is window, "
+            "which offers count, min, max, mean, first, last, window_start",
+        ),
+        (
+            "      kind: window\n      signal: temperature\n      every_s: 60\n",
+            "mena",
+            "unknown trigger attribute 'mena' (did you mean 'mean'?); this event's trigger is "
+            "window, which offers count, min, max, mean, first, last, window_start",
+        ),
+        (
+            "      kind: quality\n      signal: temperature\n      stale_after_s: 30\n",
+            "mean",
+            "'mean' is an attribute of window triggers; this event's trigger is quality, which "
+            "offers quality, previous_quality, reason, state_duration_s",
+        ),
+        (
+            "      kind: quality\n      signal: temperature\n      stale_after_s: 30\n",
+            "reson",
+            "unknown trigger attribute 'reson' (did you mean 'reason'?); this event's trigger "
+            "is quality, which offers quality, previous_quality, reason, state_duration_s",
+        ),
+        (
+            "      kind: periodic\n      every_s: 60\n      # (no signal)\n",
+            "count",
+            "'count' is an attribute of window triggers; this event's trigger is periodic, "
+            "which offers none (use {signal: ...} or {previous: ...})",
+        ),
+    ],
+)
+def test_the_new_kinds_offer_their_own_trigger_attributes(
+    tmp_path: Path, block: str, attribute: str, expected: str
+) -> None:
+    """Quality and window triggers offer their attributes; periodic offers none; a typo
+    gets the closest attribute of the event's own kind."""
+    text = with_trigger(
+        block,
+        edited(
+            "      line: {attribute: line}\n",
+            f"      line: {{attribute: line}}\n      extra: {{trigger: {attribute}}}\n",
+        ),
+    )
+    path = write(tmp_path, "m.yaml", text)
+    assert findings(tmp_path) == [
+        f"{path}:24:24 events.state_changed.data.extra.trigger: {expected}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        (
+            "      kind: window\n      signal: state\n      every_s: 60\n",
+            ":19:15 events.state_changed.trigger.signal: a window trigger aggregates numbers: it "
+            "needs a numeric (float or integer) signal; 'state' is of type string (for named "
+            "states use kind: transition)",
+        ),
+        (
+            "      kind: window\n      signal: temperature\n      every_s: 0.5\n",
+            ":20:16 events.state_changed.trigger.every_s: expected at least 1 (second): the "
+            "gateway checks the time about once per second; got 0.5",
+        ),
+        (
+            "      kind: window\n      signal: temperature\n",
+            ":17:5 events.state_changed.trigger.every_s: required key 'every_s' is missing",
+        ),
+        (
+            "      kind: window\n      signal: temperature\n      every_s: 60\n"
+            "      grace_s: -1\n",
+            ":21:16 events.state_changed.trigger.grace_s: Input should be greater than or equal "
+            "to 0, got -1",
+        ),
+        (
+            "      kind: window\n      signal: temperature\n      every_s: 60\n"
+            "      emit_empty: maybe\n",
+            ":21:19 events.state_changed.trigger.emit_empty: Input should be a valid boolean",
+        ),
+        (
+            "      kind: periodic\n      every_s: 0\n",
+            ":19:16 events.state_changed.trigger.every_s: expected at least 1 (second): the "
+            "gateway checks the time about once per second; got 0.0",
+        ),
+        (
+            "      kind: periodic\n      every_s: 60\n      signal: state\n",
+            ":20:7 events.state_changed.trigger.signal: unknown key 'signal'; allowed here: "
+            "kind, every_s",
+        ),
+        (
+            "      kind: quality\n      signal: temperature\n      on: [bad, stael]\n"
+            "      stale_after_s: 10\n",
+            ":20:17 events.state_changed.trigger.on[1]: expected one of bad, stale, good; got "
+            "'stael' (did you mean 'stale'?)",
+        ),
+        (
+            "      kind: quality\n      signal: temperature\n      on: [stale]\n",
+            ":17:5 events.state_changed.trigger: on lists stale but stale_after_s is not set: "
+            "say after how many seconds without a reading the signal is stale",
+        ),
+        (
+            "      kind: quality\n      signal: temperature\n      stale_after_s: 0.2\n",
+            ":20:22 events.state_changed.trigger.stale_after_s: expected at least 1 (second)",
+        ),
+        (
+            "      kind: quality\n      signal: temperature\n      on: []\n",
+            ":20:11 events.state_changed.trigger.on: List should have at least 1 item",
+        ),
+        (
+            "      kind: quality\n      signal: tempreature\n",
+            ":19:15 events.state_changed.trigger.signal: unknown signal 'tempreature' (did you "
+            "mean 'temperature'?); signals of this file: state, temperature",
+        ),
+    ],
+)
+def test_quality_periodic_and_window_misuse_is_located(
+    tmp_path: Path, block: str, expected: str
+) -> None:
+    """Periods of at least a second, numeric windows, known quality changes, stale only with
+    a time: each a located finding that says why."""
+    path = write(tmp_path, "m.yaml", with_trigger(block))
+    found = findings(tmp_path)
+    assert any(f.startswith(f"{path}{expected}") for f in found), found
+
+
+def test_a_periodic_snapshot_must_read_a_signal(tmp_path: Path) -> None:
+    """Snapshots are skipped while none of the signals they read has a value: data that
+    reads no signal would never be emitted, which the loader says at once."""
+    text = with_trigger("      kind: periodic\n      every_s: 60\n").replace(
+        "      state: {signal: state}\n", ""
+    )
+    path = write(tmp_path, "m.yaml", text)
+    assert findings(tmp_path) == [
+        f"{path}:20:5 events.state_changed.data: a periodic snapshot needs data that reads at "
+        "least one signal ({signal: ...}, {previous: ...} or {quality: ...}): it is taken only "
+        "once one of them has a value"
+    ]
+    write(
+        tmp_path,
+        "m.yaml",
+        text.replace("      line: {attribute: line}\n", "      q: {quality: temperature}\n"),
+    )
+    assert len(load_mappings(tmp_path, MQTT)) == 1
 
 
 def test_every_trigger_kind_loads_with_its_options(tmp_path: Path) -> None:
@@ -849,6 +1007,18 @@ def test_every_trigger_kind_loads_with_its_options(tmp_path: Path) -> None:
         " on_reset: count_from_zero}\n"
         "  h:\n    type: a.H.v1\n"
         "    trigger: {kind: threshold, signal: temperature, below: 5, hysteresis: 0.5}\n"
+        "  q:\n    type: a.Q.v1\n"
+        "    trigger: {kind: quality, signal: door}\n"
+        "  qs:\n    type: a.Q.v1\n"
+        "    trigger: {kind: quality, signal: state, stale_after_s: 30, on: [stale, good]}\n"
+        "  p:\n    type: a.P.v1\n"
+        "    trigger: {kind: periodic, every_s: 3600}\n"
+        "    data: {state: {signal: state}}\n"
+        "  w:\n    type: a.W.v1\n"
+        "    trigger: {kind: window, signal: count, every_s: 60}\n"
+        "  we:\n    type: a.W.v1\n"
+        "    trigger: {kind: window, signal: temperature, every_s: 1.5, grace_s: 0,"
+        " emit_empty: true}\n"
     )
     write(tmp_path, "m.yaml", text)
     (file,) = load_mappings(tmp_path, MQTT)
@@ -863,6 +1033,15 @@ def test_every_trigger_kind_loads_with_its_options(tmp_path: Path) -> None:
     assert isinstance(h, spec.ThresholdTrigger)
     assert (h.above, h.below, h.hysteresis, h.crossings) == (None, 5.0, 0.5, ["enter", "leave"])
     assert h.on_first_value == "skip"
+    q, qs, p, w, we = (triggers[k] for k in ("q", "qs", "p", "w", "we"))
+    assert isinstance(q, spec.QualityTrigger) and isinstance(qs, spec.QualityTrigger)
+    assert (q.signal, q.stale_after_s, q.on) == ("door", None, ["bad", "stale", "good"])
+    assert (qs.stale_after_s, qs.on) == (30, ["stale", "good"])
+    assert isinstance(p, spec.PeriodicTrigger) and p.every_s == 3600
+    assert spec.trigger_signal(p) is None and spec.trigger_signal(q) == "door"
+    assert isinstance(w, spec.WindowTrigger) and isinstance(we, spec.WindowTrigger)
+    assert (w.signal, w.every_s, w.grace_s, w.emit_empty) == ("count", 60, 2.0, False)
+    assert (we.every_s, we.grace_s, we.emit_empty) == (1.5, 0.0, True)
 
 
 # --- files and directories ---------------------------------------------------------------

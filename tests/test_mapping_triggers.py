@@ -12,7 +12,7 @@ import pytest
 
 from gateway.mapping import Mapper, load_mappings
 from gateway.mapping.engine import CounterState, EdgeState, SignalState
-from gateway.model import DomainEvent, EventIds, Quality, Signal
+from gateway.model import DomainEvent, Quality, Signal, event_id
 
 CONN = "plant_mqtt"
 SUBJECT = "acme/p1/l3/cell01"
@@ -65,7 +65,7 @@ def mapper(tmp_path: Path, events: str, signals: str = SIGNALS) -> Mapper:
     """A Mapper of one file: the signals above and the given ``events:`` entries."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "cell.yaml").write_text(signals + events, encoding="utf-8")
-    return Mapper(load_mappings(tmp_path, {CONN: "mqtt"}), "edge-01", EventIds("t"))
+    return Mapper(load_mappings(tmp_path, {CONN: "mqtt"}), "edge-01")
 
 
 def read(
@@ -791,4 +791,8 @@ def test_triggers_of_different_kinds_on_one_signal_fire_in_declaration_order(
         ),
         ("process.TemperatureChanged.v1", {"value": 60.0}),
     ]
-    assert [e.id for e in fired] == ["t-1", "t-2"]
+    tag = TAGS["temperature"]
+    assert [e.id for e in fired] == [
+        event_id("edge-01", SUBJECT, "limit", 1.0, tag, 60.0),
+        event_id("edge-01", SUBJECT, "changed", 1.0, tag, 60.0),
+    ]

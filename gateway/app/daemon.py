@@ -30,7 +30,6 @@ from gateway.errors import ConfigError, Finding
 from gateway.mapping.engine import Mapper
 from gateway.mapping.loader import MappingFile, load_mappings
 from gateway.metrics import Metrics
-from gateway.model import EventIds
 from gateway.settings import GatewaySettings
 from gateway.sinks.kafka import KafkaForwarder
 from gateway.sources.base import Source
@@ -60,7 +59,7 @@ class Daemon:
     def __init__(self, settings: GatewaySettings, mapping_files: list[MappingFile]) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.mapper = Mapper(mapping_files, settings.gateway.id, EventIds())
+        self.mapper = Mapper(mapping_files, settings.gateway.id)
         self.buffer = DiskBuffer(settings.buffer, self.metrics)
         self.forwarder = KafkaForwarder(settings.kafka, self.buffer, settings.gateway.id, self.metrics)
         self.pipeline = Pipeline(self.mapper, self.buffer, self.metrics,
@@ -75,6 +74,13 @@ class Daemon:
                            "Counter decreases that were resets, not rollovers (since start)")
         self.metrics.gauge("mapping_counter_jumps", lambda: float(self.mapper.counter_jumps),
                            "Counter increases above max_delta, dropped as implausible")
+        self.metrics.gauge("mapping_window_late_readings", lambda: float(self.mapper.window_late),
+                           "Readings for an already closed window, dropped")
+        self.metrics.gauge("mapping_snapshots_skipped", lambda: float(self.mapper.snapshots_skipped),
+                           "Periodic snapshot boundaries missed (the latest one is sent)")
+        self.metrics.gauge("mapping_empty_windows_skipped",
+                           lambda: float(self.mapper.windows_skipped),
+                           "Empty windows not emitted beyond the 1000 after a gap")
         self.started = time.time()
         self._core: list[asyncio.Task[None]] = []
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
@@ -131,7 +137,7 @@ class Daemon:
             protocols = {name: c.protocol for name, c in self.settings.connections.items()}
             try:
                 files = load_mappings(self.settings.mappings.directory, protocols)
-                mapper = Mapper(files, self.settings.gateway.id, self.mapper.ids)
+                mapper = Mapper(files, self.settings.gateway.id)
                 sources = build_sources(self.settings, mapper, self.metrics)
             except ConfigError as exc:
                 self.metrics.inc("mapping_reloads_total", result="rejected")

@@ -97,9 +97,9 @@ def run_cases(files: Sequence[MappingFile]) -> list[CaseResult]:
 
 def run_case(mf: MappingFile, case: MappingTest) -> CaseResult:
     from gateway.mapping.engine import Mapper
-    from gateway.model import EventIds, Quality, Signal
+    from gateway.model import Quality, Signal
 
-    mapper = Mapper([mf], "test", EventIds("case"))
+    mapper = Mapper([mf], "test")
     result = CaseResult(mf.path, case.name)
     now = CASE_EPOCH - 1.0
     got: list[DomainEvent] = []

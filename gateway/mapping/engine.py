@@ -12,8 +12,10 @@ synchronous and never raises on a reading; call it, and :meth:`Mapper.tick`, fro
 State is explicit and plain, so that it can be saved and restored: one :class:`SignalState` per
 signal per file (:attr:`Mapper.signal_states`) and one state dataclass per event
 (:attr:`Mapper.trigger_states`: :class:`OnChangeState`, :class:`TransitionState`,
-:class:`EdgeState`, :class:`CounterState`, :class:`ThresholdState`), holding only numbers,
-strings, booleans and None. Everything else in the Mapper is derived from the files.
+:class:`EdgeState`, :class:`CounterState`, :class:`ThresholdState`, :class:`QualityState`,
+:class:`PeriodicState`, :class:`WindowState`), holding only numbers, strings, booleans and None.
+Everything else in the Mapper is derived from the files (the counts of dropped or skipped
+things for the metrics, e.g. :attr:`Mapper.window_late`, live on the rules and start at 0).
 
 A signal's state (two files reading one tag keep separate state):
 
@@ -35,13 +37,26 @@ Triggers (``docs/mapping.md`` has the user's view):
 - ``counter``: fires with the increment when a counter rose (rollover, reset and implausible
   jumps handled as documented on :class:`_CounterRule`);
 - ``threshold``: fires ``enter`` when a number goes beyond its limit, ``leave`` when it is back
-  past the limit minus the hysteresis.
+  past the limit minus the hysteresis;
+- ``quality``: fires when a signal goes bad (a bad reading or a conversion failure), goes
+  stale (no reading for ``stale_after_s`` by the gateway's clock, checked by :meth:`Mapper.tick`)
+  and when it is good again;
+- ``periodic``: a snapshot of the data fields at each multiple of ``every_s`` (Unix time),
+  fired by :meth:`Mapper.tick`;
+- ``window``: aggregates of a number's good readings per tumbling window of signal time, fired
+  when a reading at or after the window's end arrives, or by :meth:`Mapper.tick` once the
+  window's end plus ``grace_s`` has passed.
 
 Durations (``state_duration_s``) are in signal time: the reading's source timestamp (its
 receive time when it has none), never the wall clock. A bad reading never fires a trigger and
 never moves its state; it cancels an edge that is waiting out its ``min_duration_ms``. When one
 reading updates several signals of a file (the same tag bound twice), all of them are updated
 before any trigger is evaluated, so data fields see the whole reading.
+
+Event ids are deterministic (:func:`gateway.model.event_id`): each rule hashes the gateway id,
+its subject and event id, the event time, the firing reading's tag and raw value, and the number
+of events it already fired at that time (kept in its state: ``last_event_time``,
+``events_at_last_time``).
 """
 
 from __future__ import annotations
@@ -49,7 +64,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from gateway.mapping.loader import MappingFile
@@ -62,15 +77,27 @@ from gateway.mapping.spec import (
     EventSpec,
     MappingSpec,
     OnChangeTrigger,
+    PeriodicTrigger,
     PreviousSource,
     QualitySource,
+    QualityTrigger,
     SignalSource,
     SignalSpec,
     ThresholdTrigger,
     TransitionTrigger,
     TriggerSource,
+    WindowTrigger,
+    trigger_signal,
 )
-from gateway.model import DomainEvent, EventIds, Quality, Signal
+from gateway.model import (
+    DomainEvent,
+    EventIdFunction,
+    EventIds,
+    Quality,
+    Signal,
+    event_ids_of,
+    rfc3339,
+)
 
 Converter = Callable[[Any], Any]
 """Raw value -> converted value; raises :class:`ConversionError` when it cannot."""
@@ -97,11 +124,24 @@ class SignalState:
     quality: str | None = None
     """Quality of the latest reading: ``good``, ``uncertain`` or ``bad``; None until one."""
     reason: str | None = None
-    """Why the latest reading is bad, when the mapping decided so (conversion failure)."""
+    """Why the latest reading is bad: the conversion failure, or ``bad quality`` (with the
+    reading's protocol status, if it has one); None when it is not bad."""
 
 
 @dataclass(slots=True)
-class OnChangeState:
+class _EventIdState:
+    """What every trigger state keeps for its event ids (keyword-only fields, after the
+    trigger's own)."""
+
+    last_event_time: float | None = field(default=None, kw_only=True)
+    """The time of the trigger's latest event; None before its first."""
+    events_at_last_time: int = field(default=0, kw_only=True)
+    """How many events the trigger fired at ``last_event_time``: the next one at that time has
+    this number in its id (see :func:`gateway.model.event_id`)."""
+
+
+@dataclass(slots=True)
+class OnChangeState(_EventIdState):
     """An on_change trigger's baseline: the value of its last emitted event."""
 
     baseline: Any = None
@@ -109,7 +149,7 @@ class OnChangeState:
 
 
 @dataclass(slots=True)
-class TransitionState:
+class TransitionState(_EventIdState):
     """A transition trigger's current state and when it was entered (signal time)."""
 
     state: Any = None
@@ -119,7 +159,7 @@ class TransitionState:
 
 
 @dataclass(slots=True)
-class EdgeState:
+class EdgeState(_EventIdState):
     """An edge trigger's confirmed level, and the level waiting out its debounce."""
 
     level: bool | None = None
@@ -135,14 +175,14 @@ class EdgeState:
 
 
 @dataclass(slots=True)
-class CounterState:
+class CounterState(_EventIdState):
     """A counter trigger's baseline: the counter value of the last good reading."""
 
     last: int | None = None
 
 
 @dataclass(slots=True)
-class ThresholdState:
+class ThresholdState(_EventIdState):
     """A threshold trigger's side of the limit and since when (signal time)."""
 
     inside: bool | None = None
@@ -151,7 +191,74 @@ class ThresholdState:
     """When the current side was entered; None when before the first reading."""
 
 
-TriggerState = OnChangeState | TransitionState | EdgeState | CounterState | ThresholdState
+@dataclass(slots=True)
+class QualityState(_EventIdState):
+    """A quality trigger's view of its signal: good, bad or stale, since when, and when the
+    latest reading came."""
+
+    quality: str | None = None
+    """``good`` (good or uncertain), ``bad`` or ``stale``; None until the first reading (or the
+    first stale check)."""
+    since: float | None = None
+    """When ``quality`` began (signal time; for stale, the latest reading's time plus
+    ``stale_after_s``); None when it began before the gateway saw it."""
+    last_time: float | None = None
+    """Signal time of the latest reading, good or bad; None until one."""
+    last_received: float | None = None
+    """Receive time (gateway clock) of the latest reading, which :meth:`Mapper.tick` compares
+    with; before any reading, the time of the first tick (the gateway began waiting then)."""
+
+
+@dataclass(slots=True)
+class PeriodicState(_EventIdState):
+    """A periodic trigger's next boundary."""
+
+    due: float | None = None
+    """The next snapshot time (a multiple of ``every_s``); None until the first tick."""
+
+
+@dataclass(slots=True)
+class WindowState(_EventIdState):
+    """A window trigger's open window, its running aggregates and the stream's clock."""
+
+    start: float | None = None
+    """Start of the open window; None when no window is open."""
+    count: int = 0
+    """Good readings in the open window."""
+    total: float = 0.0
+    """Their sum (for the mean)."""
+    low: Any = None
+    """Their minimum; None while the window is empty."""
+    high: Any = None
+    """Their maximum; None while the window is empty."""
+    first: Any = None
+    """The value of the earliest reading (by signal time); None while the window is empty."""
+    first_time: float | None = None
+    """The signal time of ``first``."""
+    last: Any = None
+    """The value of the latest reading (by signal time); None while the window is empty."""
+    last_time: float | None = None
+    """The signal time of ``last``."""
+    accept_from: float | None = None
+    """Readings with a signal time before this are late (their window is closed): the open
+    window's start, or the end of the last closed one; None before the first reading."""
+    clock: float | None = None
+    """The latest signal time seen, and ..."""
+    clock_received: float | None = None
+    """... its receive time: :meth:`Mapper.tick` estimates the signal time now as
+    ``clock + (now - clock_received)``, so a device clock that is off does not matter."""
+
+
+TriggerState = (
+    OnChangeState
+    | TransitionState
+    | EdgeState
+    | CounterState
+    | ThresholdState
+    | QualityState
+    | PeriodicState
+    | WindowState
+)
 
 
 # --- signals and rules ----------------------------------------------------------------------
@@ -186,12 +293,13 @@ def _duration(start: float | None, end: float) -> float | None:
 class _Rule:
     """One event of one file: its trigger evaluator, state and data extractors.
 
-    Subclasses implement :meth:`fires` for their trigger kind and keep the trigger's state in
+    Subclasses implement :meth:`fires` for their trigger kind (and :meth:`interrupt` and
+    :meth:`tick` when bad readings or the clock fire them) and keep the trigger's state in
     ``st`` (a state dataclass). Values a trigger computes for ``{trigger: <attribute>}`` data
-    fields live in slots named by :attr:`OUTPUTS`.
+    fields live in slots named by :attr:`OUTPUTS`. :meth:`emit` makes the event.
     """
 
-    __slots__ = ("dataschema", "event_id", "fields", "signal", "source", "subject", "type")
+    __slots__ = ("dataschema", "event_id", "fields", "ids", "signal", "source", "subject", "type")
 
     OUTPUTS: ClassVar[dict[str, str]] = {}
     """Trigger attribute (``{trigger: x}``) -> the slot holding its latest value."""
@@ -207,28 +315,59 @@ class _Rule:
         signals: dict[str, _Signal],
         attributes: dict[str, Any],
         source: str,
+        ids: EventIdFunction,
     ) -> None:
         self.event_id = event_id
         self.type = event.type
         self.subject = subject
         self.dataschema = event.dataschema
         self.source = source
-        self.signal = signals[event.trigger.signal].st
+        self.ids = ids
+        name = trigger_signal(trigger)
+        # A periodic trigger watches no signal: a state of its own that no reading updates.
+        self.signal = signals[name].st if name is not None else SignalState()
         self.fields = tuple(
             (name, _extractor(src, signals, attributes, self)) for name, src in event.data.items()
         )
+
+    @property
+    def timed(self) -> bool:
+        """Whether :meth:`Mapper.tick` must call :meth:`tick` (the clock may fire the event)."""
+        return False
 
     def fires(self, value: Any, t: float, received: float) -> bool:
         """Whether a good reading (converted ``value``, signal time ``t``, gateway receive time
         ``received``) fires the event; updates the trigger's state either way."""
         raise NotImplementedError
 
-    def interrupt(self) -> None:
-        """A bad reading of the signal arrived (state triggers do not move)."""
+    def interrupt(self, t: float, received: float) -> bool:
+        """A bad reading of the signal arrived: whether it fires the event (only quality
+        triggers fire on one; state triggers do not move)."""
+        return False
 
-    def data(self) -> dict[str, Any]:
-        """The event's data object, built from the current state."""
-        return {name: get() for name, get in self.fields}
+    def tick(self, now: float, out: list[DomainEvent]) -> None:
+        """Append the events the gateway's clock (``now``, Unix seconds) fires."""
+
+    def emit(self, out: list[DomainEvent], t: float, tag: str, value: Any) -> None:
+        """Append the event fired at time ``t`` by the reading of ``tag`` with raw ``value``
+        (``""`` and None when no single reading fired it), with its deterministic id."""
+        st = self.st
+        if st.last_event_time == t:
+            n = st.events_at_last_time
+            st.events_at_last_time = n + 1
+        else:
+            st.last_event_time, st.events_at_last_time, n = t, 1, 0
+        out.append(
+            DomainEvent(
+                self.ids(t, tag, value, n),
+                self.source,
+                self.type,
+                self.subject,
+                t,
+                {name: get() for name, get in self.fields},
+                self.dataschema,
+            )
+        )
 
 
 class _OnChangeRule(_Rule):
@@ -320,8 +459,14 @@ class _EdgeRule(_Rule):
         self.st = EdgeState()
 
     @property
-    def debounced(self) -> bool:
+    def timed(self) -> bool:
         return self.min_s > 0
+
+    def tick(self, now: float, out: list[DomainEvent]) -> None:
+        """Confirm the pending level once it has held ``min_s`` by the gateway's clock."""
+        at = self.held(now)
+        if at is not None and self.confirm():
+            self.emit(out, at, "", None)
 
     def fires(self, value: Any, t: float, received: float) -> bool:
         """A level other than the confirmed one becomes pending; it is confirmed (and may fire)
@@ -362,10 +507,11 @@ class _EdgeRule(_Rule):
         self.edge = "rising" if level else "falling"
         return self.on_rising if level else self.on_falling
 
-    def interrupt(self) -> None:
+    def interrupt(self, t: float, received: float) -> bool:
         """A bad reading: the pending level did not demonstrably hold; it starts over."""
         st = self.st
         st.pending = st.pending_since = st.pending_received = None
+        return False
 
 
 class _CounterRule(_Rule):
@@ -483,24 +629,329 @@ class _ThresholdRule(_Rule):
         return self.on_leave
 
 
+class _QualityRule(_Rule):
+    """Good (good or uncertain readings), bad (a bad reading or a conversion failure) or stale
+    (no reading for ``stale_after_s`` by the gateway's clock, see :meth:`tick`); a change fires
+    if ``on`` lists the new quality. The first reading after start fires only if it is bad.
+    """
+
+    __slots__ = (
+        "duration",
+        "on_bad",
+        "on_good",
+        "on_stale",
+        "previous",
+        "quality",
+        "reason",
+        "st",
+        "stale_after",
+    )
+
+    OUTPUTS: ClassVar[dict[str, str]] = {
+        "quality": "quality",
+        "previous_quality": "previous",
+        "reason": "reason",
+        "state_duration_s": "duration",
+    }
+
+    st: QualityState
+
+    def __init__(self, trigger: QualityTrigger, *args: Any) -> None:
+        super().__init__(trigger, *args)
+        self.stale_after = trigger.stale_after_s
+        self.on_bad = "bad" in trigger.on
+        self.on_stale = "stale" in trigger.on
+        self.on_good = "good" in trigger.on
+        self.quality: str | None = None
+        self.previous: str | None = None
+        self.reason: str | None = None
+        self.duration: float | None = None
+        self.st = QualityState()
+
+    @property
+    def timed(self) -> bool:
+        return self.stale_after is not None
+
+    def _change(self, quality: str, reason: str | None, t: float) -> None:
+        st = self.st
+        was = st.quality
+        self.previous, self.quality, self.reason = was, quality, reason
+        self.duration = _duration(st.since, t) if was is not None else None
+        st.quality, st.since = quality, (t if was is not None else None)
+
+    def fires(self, value: Any, t: float, received: float) -> bool:
+        st = self.st
+        st.last_time, st.last_received = t, received
+        was = st.quality
+        if was == "good":
+            return False
+        self._change("good", None, t)
+        return was is not None and self.on_good
+
+    def interrupt(self, t: float, received: float) -> bool:
+        st = self.st
+        st.last_time, st.last_received = t, received
+        if st.quality == "bad":
+            return False
+        self._change("bad", self.signal.reason or "bad quality", t)
+        return self.on_bad
+
+    def tick(self, now: float, out: list[DomainEvent]) -> None:
+        """Stale once no reading came for ``stale_after_s`` (gateway clock); the event's time
+        is the latest reading's time plus ``stale_after_s``. A signal never read since start
+        is stale ``stale_after_s`` after the first tick."""
+        st = self.st
+        after = self.stale_after
+        if after is None or st.quality == "stale":
+            return
+        if st.last_received is None:
+            st.last_received = now  # nothing read yet: wait from now on
+            return
+        if now - st.last_received < after:
+            return
+        at = (st.last_time if st.last_time is not None else st.last_received) + after
+        was = st.quality
+        self._change("stale", f"no reading for {after:g} s", at)
+        if was is None:
+            st.since = at  # stale since now: a known start, unlike a first reading's quality
+        if self.on_stale:
+            self.emit(out, at, "", None)
+
+
+def _first_read_signal(event: EventSpec) -> str | None:
+    """The first signal the event's data reads (``signal``, ``previous`` or ``quality``)."""
+    return next(iter(_read_signals(event)), None)
+
+
+def _read_signals(event: EventSpec) -> list[str]:
+    """The signals the event's data reads, each once, in field order."""
+    out: list[str] = []
+    for src in event.data.values():
+        if isinstance(src, SignalSource):
+            out.append(src.signal)
+        elif isinstance(src, PreviousSource):
+            out.append(src.previous)
+        elif isinstance(src, QualitySource):
+            out.append(src.quality)
+    return list(dict.fromkeys(out))
+
+
+class _PeriodicRule(_Rule):
+    """A snapshot at every multiple of ``every_s`` (Unix time) that the gateway's clock passes.
+
+    The first tick only sets the next boundary. A tick past several boundaries (the gateway was
+    busy or suspended) emits one snapshot, for the latest, and counts the others in ``skipped``.
+    A boundary is passed without a snapshot while none of the signals the data reads has a value.
+    """
+
+    __slots__ = ("every", "reads", "skipped", "st")
+
+    st: PeriodicState
+
+    def __init__(
+        self, trigger: PeriodicTrigger, event_id: str, event: EventSpec, subject: str,
+        signals: dict[str, _Signal], *args: Any,
+    ) -> None:
+        super().__init__(trigger, event_id, event, subject, signals, *args)
+        self.every = trigger.every_s
+        self.reads = tuple(signals[name].st for name in _read_signals(event) if name in signals)
+        self.skipped = 0
+        self.st = PeriodicState()
+
+    @property
+    def timed(self) -> bool:
+        return True
+
+    def fires(self, value: Any, t: float, received: float) -> bool:
+        return False  # no reading fires a snapshot (and none is bound to this rule)
+
+    def tick(self, now: float, out: list[DomainEvent]) -> None:
+        st = self.st
+        every = self.every
+        boundary = math.floor(now / every) * every
+        due = st.due
+        if due is None or now < due - every:  # first tick, or the clock went back a period
+            st.due = boundary + every
+            return
+        if now < due:
+            return
+        self.skipped += round((boundary - due) / every)
+        st.due = boundary + every
+        if any(state.value is not None for state in self.reads):
+            self.emit(out, boundary, "", None)
+
+
+_MAX_EMPTY_WINDOWS = 1000
+"""Most empty windows emitted at once (``emit_empty``), after a gap in the readings; the
+earlier ones are skipped and counted."""
+
+
+class _WindowRule(_Rule):
+    """Aggregates of the good readings per tumbling window ``[start, start + every)`` of signal
+    time (``start`` a multiple of ``every``).
+
+    One window is open at a time: the first reading opens the one it falls in. A reading at or
+    after its end closes it (and, with ``emit_empty``, the empty windows up to the reading's),
+    then opens its own; :meth:`tick` closes it once the stream's clock (the latest signal time
+    plus the gateway time elapsed since it was received) passes its end by ``grace``. A reading
+    before the open window (its window is closed) is late: counted in ``late``, dropped.
+    Closed windows queue in ``closed`` and :meth:`emit` turns each into an event timed at its
+    end (no firing reading: a window's id is the same whichever way it closed).
+    """
+
+    __slots__ = (
+        "closed",
+        "count",
+        "emit_empty",
+        "every",
+        "first",
+        "grace",
+        "high",
+        "last",
+        "late",
+        "low",
+        "mean",
+        "skipped",
+        "st",
+        "window_start",
+    )
+
+    OUTPUTS: ClassVar[dict[str, str]] = {
+        "count": "count",
+        "min": "low",
+        "max": "high",
+        "mean": "mean",
+        "first": "first",
+        "last": "last",
+        "window_start": "window_start",
+    }
+
+    st: WindowState
+
+    def __init__(self, trigger: WindowTrigger, *args: Any) -> None:
+        super().__init__(trigger, *args)
+        self.every = trigger.every_s
+        self.grace = trigger.grace_s
+        self.emit_empty = trigger.emit_empty
+        self.closed: list[tuple[float, int, float, Any, Any, Any, Any]] = []
+        self.count = 0
+        self.low: Any = None
+        self.high: Any = None
+        self.mean: float | None = None
+        self.first: Any = None
+        self.last: Any = None
+        self.window_start: str | None = None
+        self.late = 0
+        self.skipped = 0
+        self.st = WindowState()
+
+    @property
+    def timed(self) -> bool:
+        return True
+
+    def fires(self, value: Any, t: float, received: float) -> bool:
+        st = self.st
+        if st.accept_from is not None and t < st.accept_from:
+            self.late += 1
+            return False
+        if not math.isfinite(t):
+            return False  # a window of no time: nothing to aggregate it in
+        if st.clock is None or t >= st.clock:
+            st.clock, st.clock_received = t, received
+        start = st.start
+        if start is not None and t >= start + self.every:
+            self._close_through(t)
+            start = st.start
+        if start is None:
+            st.start = st.accept_from = math.floor(t / self.every) * self.every
+        if st.count == 0:
+            st.low = st.high = st.first = st.last = value
+            st.first_time = st.last_time = t
+            st.total = value
+        else:
+            st.total += value
+            if value < st.low:
+                st.low = value
+            if value > st.high:
+                st.high = value
+            if st.first_time is not None and t < st.first_time:
+                st.first, st.first_time = value, t
+            if st.last_time is None or t >= st.last_time:
+                st.last, st.last_time = value, t
+        st.count += 1
+        return bool(self.closed)
+
+    def _close_through(self, limit: float) -> None:
+        """Close the open window and, with ``emit_empty``, the empty ones after it that end at
+        or before ``limit``; queue what they emit."""
+        st = self.st
+        start = st.start
+        if start is None:
+            return
+        every = self.every
+        end = start + every
+        if st.count or self.emit_empty:
+            self.closed.append((start, st.count, st.total, st.low, st.high, st.first, st.last))
+        st.count, st.total = 0, 0.0
+        st.low = st.high = st.first = st.last = st.first_time = st.last_time = None
+        st.accept_from = end
+        if not self.emit_empty:
+            st.start = None
+            return
+        current = max(end, math.floor(limit / every) * every)  # the window ``limit`` is in
+        empty = round((current - end) / every)
+        if empty > _MAX_EMPTY_WINDOWS:
+            self.skipped += empty - _MAX_EMPTY_WINDOWS
+        for i in range(max(0, empty - _MAX_EMPTY_WINDOWS), empty):
+            self.closed.append((end + i * every, 0, 0.0, None, None, None, None))
+        st.start = st.accept_from = current
+
+    def tick(self, now: float, out: list[DomainEvent]) -> None:
+        st = self.st
+        if st.start is None or st.clock is None or st.clock_received is None:
+            return
+        limit = st.clock + (now - st.clock_received) - self.grace
+        if limit >= st.start + self.every and math.isfinite(limit):
+            self._close_through(limit)
+            self.emit(out, limit, "", None)  # each closed window is timed at its own end
+
+    def emit(self, out: list[DomainEvent], t: float, tag: str, value: Any) -> None:
+        """One event per closed window, timed at its end, with no firing reading."""
+        closed, self.closed = self.closed, []
+        every = self.every
+        for start, count, total, low, high, first, last in closed:
+            self.count, self.low, self.high, self.first, self.last = count, low, high, first, last
+            try:
+                self.mean = total / count if count else None
+            except OverflowError:  # integers beyond a float's range
+                self.mean = None
+            try:
+                self.window_start = rfc3339(start)
+            except (OverflowError, OSError, ValueError):  # a date beyond the calendar's range
+                self.window_start = None
+            _Rule.emit(self, out, start + every, "", None)
+
+
 _RULES: dict[type[Any], type[_Rule]] = {
     OnChangeTrigger: _OnChangeRule,
     TransitionTrigger: _TransitionRule,
     EdgeTrigger: _EdgeRule,
     CounterTrigger: _CounterRule,
     ThresholdTrigger: _ThresholdRule,
+    QualityTrigger: _QualityRule,
+    PeriodicTrigger: _PeriodicRule,
+    WindowTrigger: _WindowRule,
 }
 
 
 class _Binding:
     """What one reading of one ``(connection, tag)`` touches in one file."""
 
-    __slots__ = ("rules", "signals", "source")
+    __slots__ = ("rules", "signals")
 
-    def __init__(self, signals: tuple[_Signal, ...], rules: tuple[_Rule, ...], source: str) -> None:
+    def __init__(self, signals: tuple[_Signal, ...], rules: tuple[_Rule, ...]) -> None:
         self.signals = signals
         self.rules = rules
-        self.source = source
 
 
 class Mapper:
@@ -508,8 +959,8 @@ class Mapper:
 
     Attributes:
         files: The mapping files, as given.
-        gateway_id: This gateway's id (part of every event's ``source``).
-        ids: The event id generator.
+        gateway_id: This gateway's id (part of every event's ``source`` and ``id``).
+        ids: The counter id generator passed as ``ids``, or None (deterministic ids).
         conversion_errors: Readings whose value did not convert to the signal's type, or was
             not one of its ``enum`` values (in total).
         conversion_errors_by_signal: The same, per ``(subject, signal name)``.
@@ -527,22 +978,28 @@ class Mapper:
         Args:
             files: Validated mapping files (from :func:`gateway.mapping.loader.load_mappings`).
             gateway_id: This gateway's id.
-            ids: Event id generator; a fresh one (random prefix) by default.
+            ids: Omit it (the default, and what the daemon wants): event ids are a
+                deterministic function of the readings (:func:`gateway.model.event_id`), so a
+                replay or a redelivery yields the same ids and consumers can deduplicate.
+                Given, an opt-in for tests and tools that want short per-run ids: every event
+                gets ``ids.next()`` (``<prefix>-1``, ``<prefix>-2``, ...), unique but not
+                reproducible.
         """
         self.files = list(files)
         self.gateway_id = gateway_id
-        self.ids = ids if ids is not None else EventIds()
+        self.ids = ids
         self.conversion_errors = 0
         self.conversion_errors_by_signal: Counter[tuple[str, str]] = Counter()
         self.last_conversion_error: str | None = None
         self.unmatched = 0
         self.signal_states: dict[tuple[str, str], SignalState] = {}
         self.trigger_states: dict[tuple[str, str], TriggerState] = {}
-        self._next_id = self.ids.next
         self._index: dict[tuple[str, str], tuple[_Binding, ...]] = {}
         self._bindings: dict[str, dict[str, Any]] = {}
         self._counters: list[_CounterRule] = []
-        self._debounced: list[_EdgeRule] = []
+        self._periodics: list[_PeriodicRule] = []
+        self._windows: list[_WindowRule] = []
+        self._timed: list[_Rule] = []
         self._signal_specs: dict[tuple[str, str], Any] = {}
         self._event_specs: dict[tuple[str, str], tuple[Any, Any]] = {}
         for file in self.files:
@@ -557,17 +1014,27 @@ class Mapper:
         rules: list[_Rule] = []
         for event_id, event in spec.events.items():
             trigger = event.trigger
-            connection = spec.signals[trigger.signal].connection
-            source = self._source(connection)
+            watched = trigger_signal(trigger)
+            # A periodic snapshot's source is the connection of the first signal it reads.
+            named = watched or _first_read_signal(event) or next(iter(spec.signals))
+            source = self._source(spec.signals[named].connection)
+            ids = self._ids_of(subject, event_id)
             rule_class = _RULES[type(trigger)]
-            rule = rule_class(trigger, event_id, event, subject, signals, attributes, source)
+            rule = rule_class(trigger, event_id, event, subject, signals, attributes, source, ids)
             rules.append(rule)
             self.trigger_states[(subject, event_id)] = rule.st
-            self._event_specs[(subject, event_id)] = (event, spec.signals[trigger.signal])
+            self._event_specs[(subject, event_id)] = (
+                event,
+                spec.signals[watched] if watched is not None else None,
+            )
             if isinstance(rule, _CounterRule):
                 self._counters.append(rule)
-            if isinstance(rule, _EdgeRule) and rule.debounced:
-                self._debounced.append(rule)
+            if isinstance(rule, _PeriodicRule):
+                self._periodics.append(rule)
+            if isinstance(rule, _WindowRule):
+                self._windows.append(rule)
+            if rule.timed:
+                self._timed.append(rule)
         by_key: dict[tuple[str, str], list[_Signal]] = {}
         for name, sig in spec.signals.items():
             self.signal_states[(subject, name)] = signals[name].st
@@ -578,8 +1045,15 @@ class Mapper:
         for key, bound in by_key.items():
             states = [s.st for s in bound]
             fired = tuple(rule for rule in rules if any(rule.signal is st for st in states))
-            binding = _Binding(tuple(bound), fired, self._source(key[0]))
+            binding = _Binding(tuple(bound), fired)
             self._index[key] = (*self._index.get(key, ()), binding)
+
+    def _ids_of(self, subject: str, event_id: str) -> EventIdFunction:
+        """The id function of one event: deterministic, or the opt-in counter."""
+        if self.ids is None:
+            return event_ids_of(self.gateway_id, subject, event_id)
+        next_id = self.ids.next
+        return lambda time, tag, value, n: next_id()
 
     def _source(self, connection: str) -> str:
         return f"/gateways/{self.gateway_id}/connections/{connection}"
@@ -605,9 +1079,38 @@ class Mapper:
         return Counter({(r.subject, r.event_id): r.jumps for r in self._counters if r.jumps})
 
     @property
+    def window_late(self) -> int:
+        """Readings dropped by window triggers because their window was already closed."""
+        return sum(rule.late for rule in self._windows)
+
+    @property
+    def window_late_by_event(self) -> Counter[tuple[str, str]]:
+        """The same, per ``(subject, event id)`` (events without late readings omitted)."""
+        return Counter({(r.subject, r.event_id): r.late for r in self._windows if r.late})
+
+    @property
+    def windows_skipped(self) -> int:
+        """Empty windows not emitted (``emit_empty``) because a gap in the readings spanned
+        more than 1000 windows at once (only the latest 1000 are emitted)."""
+        return sum(rule.skipped for rule in self._windows)
+
+    @property
+    def snapshots_skipped(self) -> int:
+        """Periodic boundaries passed without a snapshot because the gateway missed them (it
+        was busy, suspended, or its clock jumped): one snapshot is taken for the latest."""
+        return sum(rule.skipped for rule in self._periodics)
+
+    @property
+    def snapshots_skipped_by_event(self) -> Counter[tuple[str, str]]:
+        """The same, per ``(subject, event id)`` (events without skipped boundaries omitted)."""
+        return Counter({(r.subject, r.event_id): r.skipped for r in self._periodics if r.skipped})
+
+    @property
     def needs_tick(self) -> bool:
-        """Whether any event has a debounced edge trigger (only those need :meth:`tick`)."""
-        return bool(self._debounced)
+        """Whether any event depends on the clock, so :meth:`tick` must be called about once
+        per second: a debounced edge, a quality trigger with ``stale_after_s``, a periodic
+        or a window trigger."""
+        return bool(self._timed)
 
     def bindings(self) -> dict[str, list[Any]]:
         """Connection name -> the distinct address models to read on it (one per tag).
@@ -645,7 +1148,8 @@ class Mapper:
                 st = sig.st
                 if not good:
                     st.quality = quality
-                    st.reason = None
+                    status = signal.status
+                    st.reason = "bad quality" if status is None else f"bad quality, status {status}"
                     continue
                 try:
                     value = sig.convert(raw)
@@ -661,19 +1165,10 @@ class Mapper:
             for rule in binding.rules:
                 state = rule.signal
                 if state.quality == "bad":
-                    rule.interrupt()
+                    if rule.interrupt(t, received):
+                        rule.emit(out, t, signal.tag, raw)
                 elif rule.fires(state.value, t, received):
-                    out.append(
-                        DomainEvent(
-                            self._next_id(),
-                            binding.source,
-                            rule.type,
-                            rule.subject,
-                            t,
-                            rule.data(),
-                            rule.dataschema,
-                        )
-                    )
+                    rule.emit(out, t, signal.tag, raw)
         return out
 
     def adopt_state(self, old: Mapper) -> int:
@@ -681,8 +1176,11 @@ class Mapper:
 
         A signal keeps its last value, previous value and quality when its definition (address,
         type, conversion, labels) is the same in both mappers; an event keeps its trigger state
-        (current state and since when, counter baseline, threshold side, pending edge) when the
-        event and its trigger signal are unchanged. Everything else starts fresh, as at start-up.
+        (current state and since when, counter baseline, threshold side, pending edge, quality
+        and latest reading times, next periodic boundary, open window and its aggregates, and
+        the id disambiguator) when the event and its trigger signal are unchanged. Everything
+        else starts fresh, as at start-up. The counts for the metrics (late readings, skipped
+        snapshots, counter resets) start at 0.
 
         Returns:
             How many signal and trigger states were carried over.
@@ -702,14 +1200,22 @@ class Mapper:
         return carried
 
     def tick(self, now: float) -> list[DomainEvent]:
-        """The debounced edges whose new level has now held its ``min_duration_ms``.
+        """The events the gateway's clock fires. Call it about once per second when
+        :attr:`needs_tick`, with the gateway's time (the pipeline does; the test cases and the
+        replay call it with each reading's time before mapping the reading).
 
-        An edge with ``min_duration_ms`` is confirmed by the next reading of its signal once
-        the new level has held long enough; a signal that is read only on change may not send
-        one. Call this periodically (about once per second) so such an edge still fires: it
-        compares ``now`` with the gateway's receive time of the reading that started the new
-        level (the same clock, so a skewed device clock does not matter). The event's ``time``
-        is in signal time: the new level's first reading's time plus ``min_duration_ms``.
+        - a debounced edge whose new level has held ``min_duration_ms`` since the gateway
+          received its first reading (a signal read only on change may send no further
+          reading to confirm it); time: that reading's time plus ``min_duration_ms``;
+        - a quality trigger's signal without a reading for ``stale_after_s`` since the
+          gateway received the latest; time: the latest reading's time plus ``stale_after_s``;
+        - a periodic snapshot per boundary (multiple of ``every_s``) ``now`` has passed; time:
+          the boundary;
+        - a window whose end plus ``grace_s`` the stream's clock has passed (the latest signal
+          time plus the gateway time elapsed since its reading came); time: the window's end.
+
+        Comparing the gateway's clock with receive times keeps a skewed device clock out of
+        it; event times stay in signal time, consistent with the events readings fire.
 
         Args:
             now: The gateway's current time, Unix seconds (``time.time()``).
@@ -718,20 +1224,8 @@ class Mapper:
             The fired events, in file order, then event declaration order within a file.
         """
         out: list[DomainEvent] = []
-        for rule in self._debounced:
-            at = rule.held(now)
-            if at is not None and rule.confirm():
-                out.append(
-                    DomainEvent(
-                        self._next_id(),
-                        rule.source,
-                        rule.type,
-                        rule.subject,
-                        at,
-                        rule.data(),
-                        rule.dataschema,
-                    )
-                )
+        for rule in self._timed:
+            rule.tick(now, out)
         return out
 
     def _conversion_failed(self, sig: _Signal, reason: str) -> None:

@@ -6,10 +6,11 @@ Steps, per file, in name order (``*.yaml`` and ``*.yml``, not recursive, dot-fil
 2. validate against :class:`~gateway.mapping.spec.MappingSpec` (shape, types, patterns);
 3. lint what the schema cannot see: references to signals and attributes of the file, the
    connection of each signal (known, of the protocol of its address block, and of a protocol
-   this version can read), and whether each trigger fits its signal: deadbands and thresholds
-   on numbers, transitions on named states (``from``/``to`` among the signal's ``enum``),
-   edges on booleans, counters on integers; ``{trigger: <attribute>}`` data fields name an
-   attribute the event's trigger kind offers.
+   this version can read), and whether each trigger fits its signal: deadbands, thresholds
+   and windows on numbers, transitions on named states (``from``/``to`` among the signal's
+   ``enum``), edges on booleans, counters on integers (quality triggers take any signal);
+   ``{trigger: <attribute>}`` data fields name an attribute the event's trigger kind offers;
+   a periodic snapshot reads at least one signal.
 
 Then across files: every subject is used by one file only, and one ``(connection, tag)`` is
 read with one set of address settings (the source reads each address once).
@@ -462,10 +463,22 @@ def _lint_event(
 ) -> list[Finding]:
     base: list[str | int] = ["events", event_id]
     trigger = event.trigger
-    out = _check_signal(view, trigger.signal, [*base, "trigger", "signal"], located)
-    signal = (view.signals or {}).get(trigger.signal)
-    if signal is not None:
-        out += _lint_trigger(trigger, signal, [*base, "trigger"], located)
+    out: list[Finding] = []
+    watched = spec.trigger_signal(trigger)
+    if watched is not None:
+        out += _check_signal(view, watched, [*base, "trigger", "signal"], located)
+        signal = (view.signals or {}).get(watched)
+        if signal is not None:
+            out += _lint_trigger(trigger, signal, [*base, "trigger"], located)
+    elif not any(
+        isinstance(src, (spec.SignalSource, spec.PreviousSource, spec.QualitySource))
+        for src in event.data.values()
+    ):
+        message = (
+            "a periodic snapshot needs data that reads at least one signal ({signal: ...}, "
+            "{previous: ...} or {quality: ...}): it is taken only once one of them has a value"
+        )
+        out.append(located.finding([*base, "data" if event.data else "trigger"], message))
     for field, source in event.data.items():
         where: list[str | int] = [*base, "data", field]
         if isinstance(source, spec.AttributeSource):
@@ -485,9 +498,27 @@ def _lint_trigger(
     trigger: spec.Trigger, signal: SignalSpec, path: list[str | int], located: yamlfile.Located
 ) -> list[Finding]:
     """Whether the trigger fits the type (and enum) of its signal."""
-    name = trigger.signal
+    name = spec.trigger_signal(trigger) or ""
     at_signal: list[str | int] = [*path, "signal"]
     is_number = signal.type in spec.NUMERIC_TYPES and signal.enum is None
+    if isinstance(trigger, (spec.QualityTrigger, spec.PeriodicTrigger)):
+        return []  # any signal has a quality; a periodic trigger has no signal
+    if isinstance(trigger, spec.WindowTrigger):
+        if not is_number:
+            hint = (
+                " (for a boolean use kind: edge)"
+                if signal.type == "boolean"
+                else " (for named states use kind: transition)"
+            )
+            return [
+                located.finding(
+                    at_signal,
+                    f"a window trigger aggregates numbers: it needs a numeric (float or "
+                    f"integer) signal; {_typed(signal, name)}{hint}",
+                    at_value=True,
+                )
+            ]
+        return []
     if isinstance(trigger, spec.OnChangeTrigger):
         if trigger.deadband is not None and not is_number:
             return [
@@ -601,10 +632,16 @@ def _check_trigger_attribute(
     else:
         available = "which offers none (use {signal: ...} or {previous: ...})"
     users = [k for k, attrs in spec.TRIGGER_ATTRIBUTES.items() if attribute in attrs]
-    message = (
-        f"'{attribute}' is an attribute of {_and(users)} triggers; this event's "
-        f"trigger is {kind}, {available}"
-    )
+    if users:
+        message = (
+            f"'{attribute}' is an attribute of {_and(users)} triggers; this event's "
+            f"trigger is {kind}, {available}"
+        )
+    else:
+        message = (
+            f"unknown trigger attribute '{attribute}'{_did_you_mean(attribute, offered)}; "
+            f"this event's trigger is {kind}, {available}"
+        )
     return [located.finding([*where, "trigger"], message, at_value=True)]
 
 

@@ -32,13 +32,18 @@ connections are checked by :mod:`gateway.mapping.loader`):
 - ``enum`` labels: a mapping of codes to labels on ``integer`` and ``string`` signals (codes of
   the signal's type), a list of allowed states on ``string`` signals only;
 - a trigger is a tagged union on ``kind`` (``on_change``, ``transition``, ``edge``, ``counter``,
-  ``threshold``); a data field has exactly one source key (:data:`DATA_SOURCE_KINDS`);
+  ``threshold``, ``quality``, ``periodic``, ``window``); a data field has exactly one source key
+  (:data:`DATA_SOURCE_KINDS`);
 - a deadband has exactly one of ``absolute`` or ``percent``; a threshold exactly one of
-  ``above`` or ``below``; a counter's ``rollover_at`` comes with ``max_delta``.
+  ``above`` or ``below``; a counter's ``rollover_at`` comes with ``max_delta``;
+- periods (``every_s``) and ``stale_after_s`` are at least one second (the gateway checks the
+  time about once per second); a quality trigger lists ``stale`` in ``on`` only with
+  ``stale_after_s``.
 
 Which signal types a trigger accepts, whether ``from``/``to`` name states of the signal's
-``enum``, and which ``{trigger: <attribute>}`` a trigger offers (:data:`TRIGGER_ATTRIBUTES`) need
-the rest of the file: the loader checks them.
+``enum``, which ``{trigger: <attribute>}`` a trigger offers (:data:`TRIGGER_ATTRIBUTES`) and
+whether a periodic snapshot reads a signal need the rest of the file: the loader checks them.
+Every trigger has a ``signal`` except ``periodic`` (:func:`trigger_signal`).
 
 The models give the JSON Schema of the format (``MappingSpec.model_json_schema()``): every field
 has a description, and the "exactly one" rules are expressed with ``oneOf`` as well.
@@ -51,6 +56,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -98,8 +104,8 @@ DATA_SOURCE_KINDS: tuple[str, ...] = (
 )
 """The keys a data field may use, exactly one per field."""
 
-TriggerAttribute = Literal["state_duration_s", "delta", "crossing", "edge"]
-"""What ``{trigger: <attribute>}`` can read of the trigger that fired the event."""
+WINDOW_AGGREGATES: tuple[str, ...] = ("count", "min", "max", "mean", "first", "last")
+"""The aggregates of a window trigger's readings, each a ``{trigger: <aggregate>}``."""
 
 TRIGGER_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "on_change": (),
@@ -107,8 +113,25 @@ TRIGGER_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "edge": ("edge", "state_duration_s"),
     "counter": ("delta",),
     "threshold": ("crossing", "state_duration_s"),
+    "quality": ("quality", "previous_quality", "reason", "state_duration_s"),
+    "periodic": (),
+    "window": (*WINDOW_AGGREGATES, "window_start"),
 }
 """Trigger kind -> the attributes its events can read with ``{trigger: <attribute>}``."""
+
+ALL_TRIGGER_ATTRIBUTES: tuple[str, ...] = tuple(
+    dict.fromkeys(a for attributes in TRIGGER_ATTRIBUTES.values() for a in attributes)
+)
+"""Every ``{trigger: <attribute>}`` of some trigger kind."""
+
+TriggerAttribute = Annotated[
+    str,
+    Field(min_length=1),
+    WithJsonSchema({"type": "string", "enum": list(ALL_TRIGGER_ATTRIBUTES)}),
+]
+"""What ``{trigger: <attribute>}`` can read of the trigger that fired the event. Any name
+validates here; the loader checks it against the event's trigger kind (so a misspelling is
+answered with the attributes of that kind); the JSON Schema lists them all for editors."""
 
 SignalName = Annotated[str, Field(pattern=NAME_PATTERN, examples=["state", "temperature"])]
 EventName = Annotated[str, Field(pattern=NAME_PATTERN, examples=["machine_state_changed"])]
@@ -536,11 +559,116 @@ class ThresholdTrigger(Strict):
         return self
 
 
+QualityChange = Literal["bad", "stale", "good"]
+QUALITY_CHANGES: tuple[QualityChange, ...] = ("bad", "stale", "good")
+"""The qualities a quality trigger tells apart, each a change it can fire on."""
+
+
+def _at_least_one_second(value: float) -> float:
+    if value < 1:
+        raise ValueError(
+            f"expected at least 1 (second): the gateway checks the time about once per second; "
+            f"got {value!r}"
+        )
+    return value
+
+
+Period = Annotated[
+    float,
+    Field(strict=True, allow_inf_nan=False, json_schema_extra={"minimum": 1}),
+    AfterValidator(_at_least_one_second),
+]
+"""A duration of at least one second (time-based triggers are checked about once per second)."""
+
+
+class QualityTrigger(Strict):
+    """Emit when a signal goes bad (a bad-quality reading, or a value that does not convert),
+    goes stale (no reading for ``stale_after_s``), and when it is good again; ``{trigger:
+    quality}`` is ``bad``, ``stale`` or ``good``."""
+
+    kind: Literal["quality"]
+    """Trigger kind; the key that selects the rest of this block."""
+    signal: SignalName
+    """The signal of this file whose quality is watched (any type)."""
+    stale_after_s: Period | None = Field(default=None, examples=[30, 300])
+    """The signal is stale when no reading (good or bad) arrived for this many seconds, by the
+    gateway's clock (checked about once per second). The stale event's time is the latest
+    reading's time plus ``stale_after_s``. Omitted: never stale."""
+    on: list[QualityChange] = Field(
+        default_factory=lambda: list(QUALITY_CHANGES),
+        min_length=1,
+        examples=[["bad", "stale"], ["good"]],
+    )
+    """Which changes fire the event (default all): ``bad`` (the signal went bad), ``stale``
+    (readings stopped), ``good`` (good or uncertain readings again, after bad or stale)."""
+
+    @model_validator(mode="after")
+    def _stale_needs_a_time(self) -> QualityTrigger:
+        if "on" in self.model_fields_set and "stale" in self.on and self.stale_after_s is None:
+            raise ValueError(
+                "on lists stale but stale_after_s is not set: say after how many seconds "
+                "without a reading the signal is stale (e.g. stale_after_s: 30)"
+            )
+        return self
+
+
+class PeriodicTrigger(Strict):
+    """Emit a snapshot of the latest values every ``every_s`` seconds, at the same instants on
+    every gateway (multiples of ``every_s`` in Unix time)."""
+
+    kind: Literal["periodic"]
+    """Trigger kind; the key that selects the rest of this block."""
+    every_s: Period = Field(examples=[60, 900, 3600])
+    """The period in seconds (at least 1). Snapshots are taken at multiples of it in Unix time
+    (``every_s: 3600`` is on the hour, UTC) and carry that instant as their time. A boundary
+    passes while none of the signals the data reads has had a value: no snapshot. Boundaries
+    the gateway missed (it was stopped or busy) are not caught up: one snapshot for the latest,
+    the others counted."""
+
+
+class WindowTrigger(Strict):
+    """Emit aggregates (count, min, max, mean, first, last) of a number's good readings per
+    tumbling window of ``every_s`` seconds of signal time."""
+
+    kind: Literal["window"]
+    """Trigger kind; the key that selects the rest of this block."""
+    signal: SignalName
+    """A float or integer signal of this file (without enum)."""
+    every_s: Period = Field(examples=[60, 300])
+    """The window length in seconds (at least 1). Windows are ``[start, start + every_s)`` with
+    ``start`` a multiple of ``every_s`` in Unix time, on the readings' signal times; the event's
+    time is the window's end."""
+    grace_s: float = Field(
+        default=2.0, strict=True, ge=0, allow_inf_nan=False, examples=[2.0, 10.0]
+    )
+    """How long after a window's end the gateway waits for readings still under way before it
+    closes the window by its clock (a reading at or after the end closes it at once). A reading
+    for a closed window is late: dropped and counted."""
+    emit_empty: bool = False
+    """``false`` (default): a window without good readings emits nothing; ``true``: it emits
+    too, with ``count`` 0 and the other aggregates null (windows follow one another from the
+    first reading on)."""
+
+
 Trigger = Annotated[
-    OnChangeTrigger | TransitionTrigger | EdgeTrigger | CounterTrigger | ThresholdTrigger,
+    OnChangeTrigger
+    | TransitionTrigger
+    | EdgeTrigger
+    | CounterTrigger
+    | ThresholdTrigger
+    | QualityTrigger
+    | PeriodicTrigger
+    | WindowTrigger,
     Field(discriminator="kind"),
 ]
 """Tagged union on ``kind``."""
+
+
+def trigger_signal(trigger: Any) -> str | None:
+    """The signal a trigger watches; None for a periodic trigger (it watches the clock)."""
+    name: str | None = getattr(trigger, "signal", None)
+    return name
+
 
 TRIGGER_KINDS: tuple[str, ...] = tuple(TRIGGER_ATTRIBUTES)
 """Every trigger kind, in documentation order."""
@@ -584,12 +712,21 @@ class QualitySource(Strict):
 class TriggerSource(Strict):
     """A value the event's own trigger computed when it fired (which ones depends on its kind:
     transition ``state_duration_s``; edge ``edge``, ``state_duration_s``; counter ``delta``;
-    threshold ``crossing``, ``state_duration_s``)."""
+    threshold ``crossing``, ``state_duration_s``; quality ``quality``, ``previous_quality``,
+    ``reason``, ``state_duration_s``; window ``count``, ``min``, ``max``, ``mean``,
+    ``first``, ``last``, ``window_start``; periodic none)."""
 
-    trigger: TriggerAttribute = Field(examples=["delta", "state_duration_s"])
-    """``state_duration_s``: seconds the previous state (level, side of the limit) lasted, in
-    signal time, null when it began before the gateway saw it; ``delta``: the counter
-    increment; ``crossing``: ``enter`` or ``leave``; ``edge``: ``rising`` or ``falling``."""
+    trigger: TriggerAttribute = Field(
+        examples=["delta", "state_duration_s", "quality", "mean", "window_start"]
+    )
+    """``state_duration_s``: seconds the previous state (level, side of the limit, quality)
+    lasted, in signal time, null when it began before the gateway saw it; ``delta``: the
+    counter increment; ``crossing``: ``enter`` or ``leave``; ``edge``: ``rising`` or
+    ``falling``; ``quality``: ``bad``, ``stale`` or ``good``; ``previous_quality``: the quality
+    before (null at the first reading); ``reason``: why it is bad or stale (the conversion
+    failure, the reading's status, ``no reading for 30 s``), null when good; ``count``,
+    ``min``, ``max``, ``mean``, ``first``, ``last``: of the window's good readings (null when
+    it has none); ``window_start``: the window's start, an RFC 3339 time."""
 
 
 def _source_kind(value: Any) -> str | None:
