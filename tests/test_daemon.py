@@ -106,13 +106,16 @@ async def test_kill_9_while_kafka_is_cut_loses_no_acknowledged_event(tmp_path, m
 
 async def test_kill_9_while_messages_flow_loses_no_message(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
     """MQTT QoS 1 with a persistent session is acknowledged only after the durable append: a
-    SIGKILL in mid-stream loses nothing; the broker redelivers what was not acknowledged."""
+    SIGKILL in mid-stream loses nothing; the broker redelivers what was not acknowledged, and a
+    redelivered message yields the same event id as its first delivery (deterministic ids), so
+    consumers can drop the duplicates."""
     config, _ = counting_gateway(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix)
     gw = GatewayProcess(config, tmp_path / "gw1.log")
     gw.wait_sources_running()
     client = publisher(mqtt_port)
     total = 3000
-    infos = [client.publish(f"{topic_prefix}/m1/data", json.dumps({"n": n}), qos=1)
+    infos = [client.publish(f"{topic_prefix}/m1/data",
+                            json.dumps({"n": n, "ts": 1_700_000_000 + n / 1000}), qos=1)
              for n in range(1, total + 1)]
     await asyncio.sleep(0.3)  # let the gateway be in the middle of the stream
     gw.kill()
@@ -127,9 +130,14 @@ async def test_kill_9_while_messages_flow_loses_no_message(tmp_path, mqtt_port, 
         assert gw2.terminate() == 0, gw2.tail()
     values = values_of(records)
     missing = set(range(1, total + 1)) - set(values)
+    ids_per_value: dict[int, set[bytes]] = {}
+    for value, record in zip(values, records, strict=True):
+        ids_per_value.setdefault(value, set()).add(dict(record.headers)["ce_id"])
     print(f"\nkill -9 mid-stream: {total} published, {len(values)} records, "
-          f"{len(missing)} lost, {len(values) - len(set(values))} duplicates")
+          f"{len(missing)} lost, {len(values) - len(set(values))} duplicates, "
+          f"{len({i for ids in ids_per_value.values() for i in ids})} distinct ids")
     assert not missing, f"{len(missing)} lost, e.g. {sorted(missing)[:10]}"
+    assert all(len(ids) == 1 for ids in ids_per_value.values()), "a duplicate got a new id"
 
 
 async def test_malformed_payloads_are_counted_and_the_stream_goes_on(
