@@ -211,6 +211,8 @@ _second_cache: tuple[int, str] = (-1, "")
 def rfc3339(ts: float) -> str:
     """``2026-11-28T22:09:01.123456Z`` without a datetime per call (the per-second part is cached)."""
     global _second_cache
+    if not 0 <= ts < 253_402_300_800:  # also NaN: RFC 3339 years are 0000-9999
+        raise ValueError(f"event time {ts!r} is outside 1970-01-01 .. 9999-12-31")
     sec = int(ts)
     micros = round((ts - sec) * 1_000_000)
     if micros >= 1_000_000:

@@ -92,7 +92,11 @@ def load(path: Path, display: str | None = None) -> tuple[Any, Located]:
         raise ConfigError([Finding(name, line, col, "", f"YAML syntax: {problem}")]) from None
     except Exception as exc:  # noqa: BLE001 - ruamel raises a few unmarked error types
         raise ConfigError([Finding(name, None, None, "", f"YAML syntax: {exc}")]) from None
-    return _plain(root), Located(name, root)
+    try:
+        return _plain(root), Located(name, root)
+    except RecursionError:
+        raise ConfigError([Finding(name, None, None, "", "YAML: an alias refers to itself "
+                                   "(recursive anchor), or the document is nested too deeply")]) from None
 
 
 def _plain(node: Any) -> Any:

@@ -28,6 +28,9 @@ from gateway.model import DomainEvent
 from gateway.sources.base import Delivery
 from gateway.trace import Recorder
 
+LATEST_EVENT_TIME = 253_402_300_800.0
+"""Event times from here on (year 10000) cannot be written as RFC 3339."""
+
 TICK_S = 1.0
 """How often time-based triggers (debounced edges) are evaluated without a new reading."""
 
@@ -133,7 +136,25 @@ class Pipeline:
         self.metrics.inc("events_mapped_total", len(events))
         return events
 
+    def _sendable(self, events: list[DomainEvent]) -> list[DomainEvent]:
+        """Drop (count, log) events that cannot be encoded, so one bad timestamp cannot be
+        mistaken for a disk failure and hold the stream forever."""
+        if all(0.0 <= e.time < LATEST_EVENT_TIME for e in events):
+            return events
+        kept = []
+        for e in events:
+            if 0.0 <= e.time < LATEST_EVENT_TIME:
+                kept.append(e)
+            else:
+                self.metrics.inc("events_dropped_total", reason="invalid_time")
+                self._log.warning("pipeline.invalid_event_time", type=e.type, subject=e.subject,
+                                  time=repr(e.time))
+        return kept
+
     async def _append(self, events: list[DomainEvent]) -> None:
+        events = self._sendable(events)
+        if not events:
+            return
         delay = 0.2
         while True:
             try:

@@ -198,6 +198,10 @@ def _lookup(doc: Any, parts: tuple[_Part, ...]) -> Any:
     return node
 
 
+LATEST_TIME = 253_402_300_799.0
+"""9999-12-31T23:59:59Z: a later source timestamp is malformed (RFC 3339 has four-digit years)."""
+
+
 def unix_time(raw: Any) -> float | None:
     """Unix seconds from seconds, milliseconds (> 1e11) or an RFC 3339 string; None if neither.
 
@@ -213,13 +217,15 @@ def unix_time(raw: Any) -> float | None:
                 return None
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
-            return parsed.timestamp()
+            stamp = parsed.timestamp()
+            return stamp if 0 < stamp <= LATEST_TIME else None
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         return None
     ts = float(raw)
     if not math.isfinite(ts) or ts <= 0:
         return None
-    return ts / 1000.0 if ts > MILLISECONDS_ABOVE else ts
+    ts = ts / 1000.0 if ts > MILLISECONDS_ABOVE else ts
+    return ts if ts <= LATEST_TIME else None
 
 
 @dataclass(frozen=True, slots=True)
