@@ -66,8 +66,6 @@ KNOWN_CRASHES: dict[tuple[type[BaseException], str], str] = {
     # the test_known_* case below that pins it. The properties reject (skip) an input that
     # hits one of these, so that they keep looking for new crashes; a fix makes the pinned
     # case XPASS (strict), and then its line here goes too.
-    (IndexError, "_misspelt_keys"): "test_known_loader_key_with_bracket",
-    (OverflowError, "_OnChangeRule.fires"): "test_known_on_change_percent_huge_int",
 }
 """Crashes found by these properties and not fixed yet."""
 
@@ -821,12 +819,13 @@ INT_SIGNAL = "{connection: plant_mqtt, mqtt: {topic: t}, type: integer}"
 FLOAT_SIGNAL = "{connection: plant_mqtt, mqtt: {topic: t}, type: float}"
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "loader._misspelt_keys: an unknown key containing '[' next to a missing key: clean_loc() "
-    "drops the key (it takes '[...]' for a pydantic union tag), loc is [] and loc[-1] raises"))
-def test_known_loader_key_with_bracket(tmp_path: Path) -> None:
+def test_a_top_level_key_with_a_bracket_is_a_config_error(tmp_path: Path) -> None:
+    """Found by the properties: an unknown key with '[' next to missing keys crashed the
+    did-you-mean pass (IndexError)."""
     (tmp_path / "m.yaml").write_text('"x[": 1\n', encoding="utf-8")
-    load_mappings(tmp_path, CONNECTIONS)
+    with pytest.raises(ConfigError) as info:
+        load_mappings(tmp_path, CONNECTIONS)
+    assert all(f.line is not None for f in info.value.findings)
 
 
 def test_a_recursive_alias_is_a_config_error(tmp_path: Path) -> None:
@@ -836,15 +835,15 @@ def test_a_recursive_alias_is_a_config_error(tmp_path: Path) -> None:
         load_mappings(tmp_path, CONNECTIONS)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "engine._OnChangeRule.fires: abs(base) * ratio with an integer baseline >= 2**1024 (a "
-    "percent deadband on an integer signal; msgspec decodes JSON integers of up to 4300 "
-    "digits): int too large to convert to float, on every later reading too"))
-def test_known_on_change_percent_huge_int(tmp_path: Path) -> None:
+def test_an_integer_beyond_64_bits_is_a_bad_reading(tmp_path: Path) -> None:
+    """Found by the properties: 2**1024 as a baseline overflowed the percent deadband on every
+    later reading. Integers beyond 64 bits are now conversion failures (no device sends them)."""
     mapper = _one_signal_mapper(tmp_path, INT_SIGNAL,
                                 "{kind: on_change, signal: n, deadband: {percent: 5}}")
-    mapper.map(Signal("plant_mqtt", "t", 2**1024, receive_time=T0))
-    mapper.map(Signal("plant_mqtt", "t", 1, receive_time=T0 + 1))
+    assert mapper.map(Signal("plant_mqtt", "t", 2**1024, receive_time=T0)) == []
+    assert mapper.conversion_errors == 1
+    (event,) = mapper.map(Signal("plant_mqtt", "t", 1, receive_time=T0 + 1))
+    assert event.type == "x.Y.v1"  # the first good reading is the baseline and fires
 
 
 def test_a_far_future_event_time_is_refused_by_encode_and_by_the_mqtt_source(tmp_path: Path) -> None:
@@ -859,16 +858,13 @@ def test_a_far_future_event_time_is_refused_by_encode_and_by_the_mqtt_source(tmp
     assert unix_time(1_700_000_000_000) == 1_700_000_000.0
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "engine: an integer of more than 4300 digits as a reading value makes str()/repr() raise "
-    "ValueError (Python's int max str digits) in _to_string and in ConversionError messages "
-    "(_show); map() only catches ConversionError. No source delivers one today (msgspec "
-    "refuses such JSON numbers): the properties stay below MAX_JSON_INT"))
-def test_known_huge_int_text(tmp_path: Path) -> None:
+def test_an_integer_too_long_to_print_is_a_bad_reading(tmp_path: Path) -> None:
+    """Found by the properties: str() of a 5000-digit integer raised ValueError out of map()."""
     mapper = _one_signal_mapper(
         tmp_path, "{connection: plant_mqtt, mqtt: {topic: t}, type: string}",
         "{kind: on_change, signal: n}")
-    mapper.map(Signal("plant_mqtt", "t", 10**5000, receive_time=T0))
+    assert mapper.map(Signal("plant_mqtt", "t", 10**5000, receive_time=T0)) == []
+    assert mapper.conversion_errors == 1
 
 
 # --- deterministic edges of the properties ---------------------------------------------------

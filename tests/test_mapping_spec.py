@@ -149,7 +149,7 @@ def test_shipped_examples_emit_the_documented_event_types() -> None:
 
 def test_shipped_examples_use_every_trigger_kind_and_enum_form() -> None:
     """Together the examples show every trigger kind (on_change, transition, edge, counter,
-    threshold, quality, periodic, window) and both enum forms (a list of states, a mapping of
+    threshold, quality, periodic, window, condition) and both enum forms (a list of states, a mapping of
     codes)."""
     files = load_mappings(MAPPINGS, MQTT)
     kinds = {e.trigger.kind for f in files for e in f.spec.events.values()}
@@ -194,7 +194,7 @@ def test_unknown_key_is_located_at_the_key(tmp_path: Path) -> None:
     assert findings(tmp_path) == [
         (
             f"{path}:17:5 events.state_changed.triger: unknown key 'triger' (did you mean "
-            f"'trigger'?); allowed here: type, dataschema, trigger, data"
+            f"'trigger'?); allowed here: type, dataschema, trigger, when, data"
         )
     ]
 
@@ -293,7 +293,7 @@ def test_signal_needs_exactly_one_address_block(tmp_path: Path) -> None:
             "{attribute: line, const: 1}",
             (
                 "events.state_changed.data.line: expected a mapping with exactly one of the keys signal, "
-                "previous, attribute, const, quality, trigger (e.g. {signal: state}); found keys "
+                "previous, attribute, const, quality, trigger, expr (e.g. {signal: state}); found keys "
                 "attribute, const"
             ),
         ),
@@ -302,7 +302,7 @@ def test_signal_needs_exactly_one_address_block(tmp_path: Path) -> None:
             "line",
             (
                 "events.state_changed.data.line: expected a mapping with exactly one of the keys signal, "
-                "previous, attribute, const, quality, trigger (e.g. {signal: state}); got 'line'"
+                "previous, attribute, const, quality, trigger, expr (e.g. {signal: state}); got 'line'"
             ),
         ),
         (
@@ -319,7 +319,7 @@ def test_signal_needs_exactly_one_address_block(tmp_path: Path) -> None:
             "      kind: on_change",
             "      kind: on_chnage",
             "events.state_changed.trigger: unknown kind 'on_chnage'; expected one of on_change, "
-            "transition, edge, counter, threshold, quality, periodic, window "
+            "transition, edge, counter, threshold, quality, periodic, window, condition "
             "(did you mean 'on_change'?)",
         ),
         (
@@ -792,7 +792,7 @@ def test_trigger_shape_rules_are_located_findings(
         (
             "      kind: counter\n      signal: temperature\n",
             "state_duration_s",
-            "'state_duration_s' is an attribute of transition, edge, threshold and quality "
+            "'state_duration_s' is an attribute of transition, edge, threshold, quality and condition "
             "triggers; "
             "this event's trigger is counter, which offers delta",
         ),

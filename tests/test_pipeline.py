@@ -9,7 +9,7 @@ from gateway.app.pipeline import Pipeline
 from gateway.buffer.disk import BufferConfig, DiskBuffer
 from gateway.mapping import Mapper, load_mappings
 from gateway.metrics import Metrics
-from gateway.model import Signal
+from gateway.model import DomainEvent, Signal, decode_envelope
 from gateway.sources.base import Delivery
 
 MAPPING = """\
@@ -53,4 +53,29 @@ async def test_an_event_time_past_9999_is_dropped_counted_and_the_stream_goes_on
     assert acked == [1, 2]
     assert len(records) == 1
     assert metrics.value("events_dropped_total", reason="invalid_time") == 1
+    assert metrics.value("buffer_append_errors_total") == 0
+
+
+class _OneBadEvent:
+    """A stand-in mapper: the second reading makes an event JSON cannot carry."""
+
+    needs_tick = False
+
+    def map(self, signal: Signal) -> list[DomainEvent]:
+        value: object = object() if signal.value == "bad" else signal.value
+        return [DomainEvent(f"id-{signal.value}", "/s", "t.E.v1", "a/b", 1.7e9, {"v": value})]
+
+
+async def test_an_unencodable_event_is_dropped_and_the_rest_of_its_batch_kept(tmp_path: Path):
+    metrics = Metrics()
+    buffer = DiskBuffer(BufferConfig(directory=tmp_path / "state"), metrics)
+    await buffer.open()
+    pipeline = Pipeline(_OneBadEvent(), buffer, metrics)  # type: ignore[arg-type]
+    for value in ("a", "bad", "c"):
+        await pipeline.emit(Delivery([Signal("c", "t", value)]))
+    await pipeline.drain()
+    records = await buffer.read(0, 10)
+    await buffer.close()
+    assert [decode_envelope(r.body)["data"]["v"] for r in records] == ["a", "c"]
+    assert metrics.value("events_dropped_total", reason="unencodable") == 1
     assert metrics.value("buffer_append_errors_total") == 0

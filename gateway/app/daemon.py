@@ -78,6 +78,11 @@ class Daemon:
                            "Readings for an already closed window, dropped")
         self.metrics.gauge("mapping_snapshots_skipped", lambda: float(self.mapper.snapshots_skipped),
                            "Periodic snapshot boundaries missed (the latest one is sent)")
+        self.metrics.gauge("mapping_expression_errors",
+                           lambda: float(sum(self.mapper.expression_errors.values())),
+                           "Expression evaluations that failed (division by zero, overflow, bad value)")
+        self.metrics.gauge("mapping_events_guarded", lambda: float(self.mapper.events_guarded),
+                           "Events dropped because their when: guard was false or unknown")
         self.metrics.gauge("mapping_empty_windows_skipped",
                            lambda: float(self.mapper.windows_skipped),
                            "Empty windows not emitted beyond the 1000 after a gap")

@@ -20,6 +20,8 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
+import msgspec
+
 from gateway import logs
 from gateway.buffer.disk import DiskBuffer
 from gateway.mapping.engine import Mapper
@@ -27,6 +29,9 @@ from gateway.metrics import Metrics
 from gateway.model import DomainEvent
 from gateway.sources.base import Delivery
 from gateway.trace import Recorder
+
+UNENCODABLE = (ValueError, TypeError, OverflowError, msgspec.EncodeError)
+"""What encoding an event may raise for a value JSON cannot carry (as opposed to an I/O error)."""
 
 LATEST_EVENT_TIME = 253_402_300_800.0
 """Event times from here on (year 10000) cannot be written as RFC 3339."""
@@ -151,6 +156,19 @@ class Pipeline:
                                   time=repr(e.time))
         return kept
 
+    def _encodable(self, events: list[DomainEvent]) -> list[DomainEvent]:
+        kept = []
+        for e in events:
+            try:
+                e.encode()
+            except UNENCODABLE as exc:
+                self.metrics.inc("events_dropped_total", reason="unencodable")
+                self._log.warning("pipeline.unencodable_event", type=e.type, subject=e.subject,
+                                  error=str(exc)[:200])
+            else:
+                kept.append(e)
+        return kept
+
     async def _append(self, events: list[DomainEvent]) -> None:
         events = self._sendable(events)
         if not events:
@@ -159,6 +177,11 @@ class Pipeline:
         while True:
             try:
                 await self.buffer.append(events)
+            except UNENCODABLE:  # a value the encoder refuses (not an I/O error): drop just those
+                events = self._encodable(events)
+                if not events:
+                    return
+                continue
             except Exception as exc:  # noqa: BLE001 - disk full, I/O error: hold, ack nothing
                 if self._failing_since is None:
                     self._failing_since = time.time()

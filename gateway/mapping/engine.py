@@ -13,7 +13,7 @@ State is explicit and plain, so that it can be saved and restored: one :class:`S
 signal per file (:attr:`Mapper.signal_states`) and one state dataclass per event
 (:attr:`Mapper.trigger_states`: :class:`OnChangeState`, :class:`TransitionState`,
 :class:`EdgeState`, :class:`CounterState`, :class:`ThresholdState`, :class:`QualityState`,
-:class:`PeriodicState`, :class:`WindowState`), holding only numbers, strings, booleans and None.
+:class:`PeriodicState`, :class:`WindowState`, :class:`ConditionState`), holding only numbers, strings, booleans and None.
 Everything else in the Mapper is derived from the files (the counts of dropped or skipped
 things for the metrics, e.g. :attr:`Mapper.window_late`, live on the rules and start at 0).
 
@@ -45,7 +45,14 @@ Triggers (``docs/mapping.md`` has the user's view):
   fired by :meth:`Mapper.tick`;
 - ``window``: aggregates of a number's good readings per tumbling window of signal time, fired
   when a reading at or after the window's end arrives, or by :meth:`Mapper.tick` once the
-  window's end plus ``grace_s`` has passed.
+  window's end plus ``grace_s`` has passed;
+- ``condition``: fires on the rising edge of a boolean expression (``when``) over several
+  signals, evaluated when one of them gets a reading; unknown (a signal without a value, or
+  with a bad latest reading) fires nothing and keeps the last known result.
+
+Expressions (``when`` and ``{expr: ...}`` fields) are compiled when the Mapper is built;
+evaluations without a result are counted (:attr:`Mapper.expression_errors`,
+:attr:`Mapper.expressions_without_value`).
 
 Durations (``state_duration_s``) are in signal time: the reading's source timestamp (its
 receive time when it has none), never the wall clock. A bad reading never fires a trigger and
@@ -67,14 +74,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from gateway.mapping.loader import MappingFile
+from gateway.mapping.expr import CompiledExpr, EvalError
+from gateway.mapping.loader import MappingFile, compile_expression
 from gateway.mapping.spec import (
     AttributeSource,
+    ConditionTrigger,
     ConstSource,
     CounterTrigger,
     DataSource,
     EdgeTrigger,
     EventSpec,
+    ExprSource,
     MappingSpec,
     OnChangeTrigger,
     PeriodicTrigger,
@@ -210,6 +220,16 @@ class QualityState(_EventIdState):
 
 
 @dataclass(slots=True)
+class ConditionState(_EventIdState):
+    """A condition trigger's last known result and since when (signal time)."""
+
+    value: bool | None = None
+    """The last known result of ``when``; None until one (an unknown result leaves it)."""
+    since: float | None = None
+    """When ``value`` began; None when it began before the first known result."""
+
+
+@dataclass(slots=True)
 class PeriodicState(_EventIdState):
     """A periodic trigger's next boundary."""
 
@@ -258,6 +278,7 @@ TriggerState = (
     | QualityState
     | PeriodicState
     | WindowState
+    | ConditionState
 )
 
 
@@ -267,12 +288,15 @@ TriggerState = (
 class _Signal:
     """One signal of one file: its identity, its converter and its state."""
 
-    __slots__ = ("convert", "name", "st", "subject")
+    __slots__ = ("convert", "name", "spec", "st", "subject")
 
-    def __init__(self, subject: str, name: str, convert: Converter) -> None:
+    def __init__(
+        self, subject: str, name: str, convert: Converter, spec: SignalSpec | None = None
+    ) -> None:
         self.subject = subject
         self.name = name
         self.convert = convert
+        self.spec = spec
         self.st = SignalState()
 
 
@@ -299,7 +323,10 @@ class _Rule:
     fields live in slots named by :attr:`OUTPUTS`. :meth:`emit` makes the event.
     """
 
-    __slots__ = ("dataschema", "event_id", "fields", "ids", "signal", "source", "subject", "type")
+    __slots__ = (
+        "dataschema", "event_id", "expr_errors", "fields", "guard", "guard_reads", "guarded",
+        "ids", "signal", "source", "subject", "type",
+    )
 
     OUTPUTS: ClassVar[dict[str, str]] = {}
     """Trigger attribute (``{trigger: x}``) -> the slot holding its latest value."""
@@ -323,6 +350,13 @@ class _Rule:
         self.dataschema = event.dataschema
         self.source = source
         self.ids = ids
+        self.expr_errors: Counter[str] = Counter()
+        self.guarded = 0
+        self.guard: CompiledExpr | None = None
+        self.guard_reads: tuple[tuple[str, SignalState], ...] = ()
+        if event.when is not None:
+            self.guard = compile_expression(event.when, _specs(signals), "boolean")
+            self.guard_reads = _reads(self.guard, signals)
         name = trigger_signal(trigger)
         # A periodic trigger watches no signal: a state of its own that no reading updates.
         self.signal = signals[name].st if name is not None else SignalState()
@@ -348,9 +382,29 @@ class _Rule:
     def tick(self, now: float, out: list[DomainEvent]) -> None:
         """Append the events the gateway's clock (``now``, Unix seconds) fires."""
 
+    def watched(self) -> tuple[SignalState, ...]:
+        """The states of the signals whose readings :meth:`fires` evaluates."""
+        return (self.signal,)
+
+    def evaluate(self, expr: CompiledExpr, reads: tuple[tuple[str, SignalState], ...]) -> Any:
+        """``expr`` over the current values (None for a signal without a value or with a bad
+        latest reading); None when it has no value, the reason counted in ``expr_errors``."""
+        try:
+            return expr.evaluate(
+                {name: (st.value if st.quality != "bad" else None) for name, st in reads}
+            )
+        except EvalError as exc:
+            self.expr_errors[exc.reason] += 1
+            return None
+
     def emit(self, out: list[DomainEvent], t: float, tag: str, value: Any) -> None:
         """Append the event fired at time ``t`` by the reading of ``tag`` with raw ``value``
-        (``""`` and None when no single reading fired it), with its deterministic id."""
+        (``""`` and None when no single reading fired it), with its deterministic id; nothing
+        (counted in ``guarded``) when the event's ``when`` guard is not true."""
+        guard = self.guard
+        if guard is not None and self.evaluate(guard, self.guard_reads) is not True:
+            self.guarded += 1
+            return
         st = self.st
         if st.last_event_time == t:
             n = st.events_at_last_time
@@ -781,6 +835,65 @@ class _PeriodicRule(_Rule):
             self.emit(out, boundary, "", None)
 
 
+def _reads(expr: CompiledExpr, signals: dict[str, _Signal]) -> tuple[tuple[str, SignalState], ...]:
+    """The signals an expression reads, as ``(name, state)`` in file order."""
+    return tuple((name, sig.st) for name, sig in signals.items() if name in expr.names)
+
+
+def _specs(signals: dict[str, _Signal]) -> dict[str, SignalSpec]:
+    out: dict[str, SignalSpec] = {}
+    for name, sig in signals.items():
+        if sig.spec is None:  # pragma: no cover - the Mapper always gives the spec
+            raise ValueError(f"signal {name!r} has no spec to compile expressions against")
+        out[name] = sig.spec
+    return out
+
+
+class _ConditionRule(_Rule):
+    """The rising edge of a boolean expression over several signals.
+
+    Evaluated whenever one of the signals it reads gets a reading (good or bad). A result that
+    differs from the last known one moves the state; false (or nothing known) -> true fires.
+    No result (a signal it needs has no value or a bad latest reading, or an evaluation error)
+    is unknown: nothing fires and the last known result stands, so true, unknown, true is no
+    edge, and false, unknown, true is one (``state_duration_s`` from the start of false).
+    """
+
+    __slots__ = ("condition", "duration", "emit_first", "reads", "st")
+
+    OUTPUTS: ClassVar[dict[str, str]] = {"state_duration_s": "duration"}
+
+    st: ConditionState
+
+    def __init__(
+        self, trigger: ConditionTrigger, event_id: str, event: EventSpec, subject: str,
+        signals: dict[str, _Signal], *args: Any,
+    ) -> None:
+        super().__init__(trigger, event_id, event, subject, signals, *args)
+        self.condition = compile_expression(trigger.when, _specs(signals), "boolean")
+        self.reads = _reads(self.condition, signals)
+        self.emit_first = trigger.on_first_value == "emit"
+        self.duration: float | None = None
+        self.st = ConditionState()
+
+    def watched(self) -> tuple[SignalState, ...]:
+        return tuple(st for _, st in self.reads)
+
+    def fires(self, value: Any, t: float, received: float) -> bool:
+        now = self.evaluate(self.condition, self.reads)
+        st = self.st
+        before = st.value
+        if now is None or now == before:
+            return False
+        if before is None:
+            st.value = now
+            self.duration = None
+            return bool(now) and self.emit_first
+        self.duration = _duration(st.since, t)
+        st.value, st.since = now, t
+        return bool(now)
+
+
 _MAX_EMPTY_WINDOWS = 1000
 """Most empty windows emitted at once (``emit_empty``), after a gap in the readings; the
 earlier ones are skipped and counted."""
@@ -941,6 +1054,7 @@ _RULES: dict[type[Any], type[_Rule]] = {
     QualityTrigger: _QualityRule,
     PeriodicTrigger: _PeriodicRule,
     WindowTrigger: _WindowRule,
+    ConditionTrigger: _ConditionRule,
 }
 
 
@@ -1000,6 +1114,7 @@ class Mapper:
         self._periodics: list[_PeriodicRule] = []
         self._windows: list[_WindowRule] = []
         self._timed: list[_Rule] = []
+        self._rules: list[_Rule] = []
         self._signal_specs: dict[tuple[str, str], Any] = {}
         self._event_specs: dict[tuple[str, str], tuple[Any, Any]] = {}
         for file in self.files:
@@ -1008,7 +1123,7 @@ class Mapper:
     def _add_file(self, spec: MappingSpec) -> None:
         subject = spec.asset.subject
         signals = {
-            name: _Signal(subject, name, converter(sig)) for name, sig in spec.signals.items()
+            name: _Signal(subject, name, converter(sig), sig) for name, sig in spec.signals.items()
         }
         attributes = dict(spec.asset.attributes)
         rules: list[_Rule] = []
@@ -1022,11 +1137,22 @@ class Mapper:
             rule_class = _RULES[type(trigger)]
             rule = rule_class(trigger, event_id, event, subject, signals, attributes, source, ids)
             rules.append(rule)
+            self._rules.append(rule)
             self.trigger_states[(subject, event_id)] = rule.st
             self._event_specs[(subject, event_id)] = (
                 event,
                 spec.signals[watched] if watched is not None else None,
             )
+            if isinstance(rule, _ConditionRule):
+                # The source is the connection of the first signal it reads; its state
+                # depends on the definitions of all of them.
+                read = [name for name, _ in rule.reads]
+                if read:
+                    rule.source = self._source(spec.signals[read[0]].connection)
+                self._event_specs[(subject, event_id)] = (
+                    event,
+                    tuple(spec.signals[name] for name in read),
+                )
             if isinstance(rule, _CounterRule):
                 self._counters.append(rule)
             if isinstance(rule, _PeriodicRule):
@@ -1044,7 +1170,9 @@ class Mapper:
             self._bindings.setdefault(sig.connection, {}).setdefault(address.tag, address)
         for key, bound in by_key.items():
             states = [s.st for s in bound]
-            fired = tuple(rule for rule in rules if any(rule.signal is st for st in states))
+            fired = tuple(
+                rule for rule in rules if any(w is st for w in rule.watched() for st in states)
+            )
             binding = _Binding(tuple(bound), fired)
             self._index[key] = (*self._index.get(key, ()), binding)
 
@@ -1104,6 +1232,45 @@ class Mapper:
     def snapshots_skipped_by_event(self) -> Counter[tuple[str, str]]:
         """The same, per ``(subject, event id)`` (events without skipped boundaries omitted)."""
         return Counter({(r.subject, r.event_id): r.skipped for r in self._periodics if r.skipped})
+
+    @property
+    def expression_errors(self) -> Counter[str]:
+        """Expression evaluations (``when`` conditions and ``{expr: ...}`` fields) without a
+        result, by reason: ``bad_value``, ``division_by_zero``, ``overflow``. A field is then
+        null, a condition unknown. ``no_value`` (a signal the expression needs has no value
+        yet, or a bad latest reading: normal after start) is counted apart, in
+        :attr:`expressions_without_value`."""
+        out: Counter[str] = Counter()
+        for rule in self._rules:
+            out.update(rule.expr_errors)
+        del out["no_value"]
+        return out
+
+    @property
+    def expression_errors_by_event(self) -> Counter[tuple[str, str]]:
+        """The same, in total per ``(subject, event id)`` (events without errors omitted)."""
+        out: Counter[tuple[str, str]] = Counter()
+        for rule in self._rules:
+            n = sum(rule.expr_errors.values()) - rule.expr_errors["no_value"]
+            if n:
+                out[(rule.subject, rule.event_id)] = n
+        return out
+
+    @property
+    def events_guarded(self) -> int:
+        """Events whose trigger fired but whose ``when`` guard was false or unknown (dropped)."""
+        return sum(rule.guarded for rule in self._rules)
+
+    @property
+    def events_guarded_by_event(self) -> Counter[tuple[str, str]]:
+        """The same, per ``(subject, event id)`` (events without dropped ones omitted)."""
+        return Counter({(r.subject, r.event_id): r.guarded for r in self._rules if r.guarded})
+
+    @property
+    def expressions_without_value(self) -> int:
+        """Expression evaluations that had no result because a signal they need had no value
+        (none yet, or a bad latest reading): the ``no_value`` reason, expected after start."""
+        return sum(rule.expr_errors["no_value"] for rule in self._rules)
 
     @property
     def needs_tick(self) -> bool:
@@ -1177,10 +1344,11 @@ class Mapper:
         A signal keeps its last value, previous value and quality when its definition (address,
         type, conversion, labels) is the same in both mappers; an event keeps its trigger state
         (current state and since when, counter baseline, threshold side, pending edge, quality
-        and latest reading times, next periodic boundary, open window and its aggregates, and
-        the id disambiguator) when the event and its trigger signal are unchanged. Everything
+        and latest reading times, next periodic boundary, open window and its aggregates, a
+        condition's last known result, and the id disambiguator) when the event and its
+        trigger signal (for a condition: every signal its ``when`` reads) are unchanged. Everything
         else starts fresh, as at start-up. The counts for the metrics (late readings, skipped
-        snapshots, counter resets) start at 0.
+        snapshots, counter resets, expression errors) start at 0.
 
         Returns:
             How many signal and trigger states were carried over.
@@ -1255,6 +1423,11 @@ def _extractor(
         return _constant(attributes[source.attribute])
     if isinstance(source, ConstSource):
         return _constant(source.const)
+    if isinstance(source, ExprSource):
+        expr = compile_expression(source.expr, _specs(signals), "any")
+        reads = _reads(expr, signals)
+        evaluate = rule.evaluate
+        return lambda: evaluate(expr, reads)
     if isinstance(source, TriggerSource):
         slot = type(rule).OUTPUTS.get(source.trigger)
         if slot is None:  # the loader refuses this; a hand-built spec may not
@@ -1332,7 +1505,10 @@ def _to_string(raw: Any) -> str:
     if type(raw) is str:
         return raw
     if isinstance(raw, (str, int, float, bool)):
-        return str(raw)
+        try:
+            return str(raw)
+        except ValueError:  # an integer of more than 4,300 digits
+            raise ConversionError("number too long for a string signal") from None
     raise ConversionError(f"expected a scalar for a string signal, got {_show(raw)}")
 
 
@@ -1371,10 +1547,16 @@ def _to_float(raw: Any) -> float:
     return value
 
 
+INTEGER_LIMIT = 2**64
+"""Integers a device can send fit 64 bits (int64 or uint64); larger ones are bad readings."""
+
+
 def _to_integer(raw: Any) -> int:
     if type(raw) is int:
-        return raw
-    if isinstance(raw, str):
+        if -INTEGER_LIMIT < raw < INTEGER_LIMIT:
+            return raw
+        raise ConversionError("integer reading outside the 64-bit range")
+    if isinstance(raw, str) and len(raw) <= 40:
         try:
             return int(raw.strip())
         except ValueError:
@@ -1382,18 +1564,23 @@ def _to_integer(raw: Any) -> int:
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise ConversionError(f"expected a whole number for an integer signal, got {_show(raw)}")
     if isinstance(raw, int):
-        return int(raw)
+        if -INTEGER_LIMIT < raw < INTEGER_LIMIT:
+            return int(raw)
+        raise ConversionError("integer reading outside the 64-bit range")
     try:
         value = float(raw)
     except ValueError:
         raise ConversionError(
             f"expected a whole number for an integer signal, got {_show(raw)}"
         ) from None
-    if not value.is_integer():
+    if not value.is_integer() or not -INTEGER_LIMIT < value < INTEGER_LIMIT:
         raise ConversionError(f"expected a whole number for an integer signal, got {_show(raw)}")
     return int(value)
 
 
 def _show(raw: Any) -> str:
-    text = repr(raw)
+    try:
+        text = repr(raw)
+    except ValueError:  # an integer of more than 4,300 digits
+        return f"a {type(raw).__name__} too long to show"
     return text if len(text) <= 60 else text[:57] + "..."

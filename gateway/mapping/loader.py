@@ -10,7 +10,9 @@ Steps, per file, in name order (``*.yaml`` and ``*.yml``, not recursive, dot-fil
    and windows on numbers, transitions on named states (``from``/``to`` among the signal's
    ``enum``), edges on booleans, counters on integers (quality triggers take any signal);
    ``{trigger: <attribute>}`` data fields name an attribute the event's trigger kind offers;
-   a periodic snapshot reads at least one signal.
+   a periodic snapshot reads at least one signal; expressions (a condition's ``when``, a
+   ``{expr: ...}`` field) compile against the file's signals (:func:`compile_expression`), their
+   errors located at the offending character of the expression.
 
 Then across files: every subject is used by one file only, and one ``(connection, tag)`` is
 read with one set of address settings (the source reads each address once).
@@ -38,6 +40,7 @@ from pydantic import BaseModel, Tag, ValidationError
 from gateway import yamlfile
 from gateway.errors import ConfigError, Finding
 from gateway.mapping import spec
+from gateway.mapping.expr import CompiledExpr, ExprError, ResultKind, Variable, compile_expr
 from gateway.mapping.spec import MappingSpec, SignalSpec
 
 SUFFIXES = (".yaml", ".yml")
@@ -202,6 +205,8 @@ def _misspelt_keys(errors: Sequence[Any], data: Any) -> set[tuple[str | int, ...
         if err["type"] != "extra_forbidden":
             continue
         loc = clean_loc(err["loc"], data)
+        if not loc:  # a top-level key the cleaning removed (e.g. one with "[" in it)
+            continue
         for candidate in missing:
             if list(candidate[:-1]) == loc[:-1] and _did_you_mean(loc[-1], [str(candidate[-1])]):
                 out.add(candidate)
@@ -470,6 +475,10 @@ def _lint_event(
         signal = (view.signals or {}).get(watched)
         if signal is not None:
             out += _lint_trigger(trigger, signal, [*base, "trigger"], located)
+    elif isinstance(trigger, spec.ConditionTrigger):
+        out += _check_expression(
+            view, trigger.when, [*base, "trigger", "when"], "boolean", located
+        )
     elif not any(
         isinstance(src, (spec.SignalSource, spec.PreviousSource, spec.QualitySource))
         for src in event.data.values()
@@ -479,6 +488,8 @@ def _lint_event(
             "{previous: ...} or {quality: ...}): it is taken only once one of them has a value"
         )
         out.append(located.finding([*base, "data" if event.data else "trigger"], message))
+    if event.when is not None:
+        out += _check_expression(view, event.when, [*base, "when"], "boolean", located)
     for field, source in event.data.items():
         where: list[str | int] = [*base, "data", field]
         if isinstance(source, spec.AttributeSource):
@@ -491,7 +502,71 @@ def _lint_event(
             out += _check_signal(view, source.quality, [*where, "quality"], located)
         elif isinstance(source, spec.TriggerSource):
             out += _check_trigger_attribute(trigger.kind, source.trigger, where, located)
+        elif isinstance(source, spec.ExprSource):
+            out += _check_expression(view, source.expr, [*where, "expr"], "any", located)
     return out
+
+
+def expression_variables(signals: Mapping[str, SignalSpec]) -> dict[str, Variable]:
+    """The variables an expression of a file may read: its signals, typed as their converted
+    values are (a signal with ``enum`` labels is a string)."""
+    return {
+        name: Variable(name, "string" if signal.enum is not None else signal.type)
+        for name, signal in signals.items()
+    }
+
+
+def compile_expression(
+    text: str, signals: Mapping[str, SignalSpec], result: ResultKind
+) -> CompiledExpr:
+    """Compile an expression of a file over its signals; raises
+    :class:`~gateway.mapping.expr.ExprError` when it is wrong."""
+    return compile_expr(text, expression_variables(signals), result=result)
+
+
+def _check_expression(
+    view: _View, text: str, path: list[str | int], result: ResultKind, located: yamlfile.Located
+) -> list[Finding]:
+    signals = view.signals
+    if signals is None or any(signal is None for signal in signals.values()):
+        return []  # an invalid signal is reported already; its type is unknown
+    valid = {name: signal for name, signal in signals.items() if signal is not None}
+    try:
+        compiled = compile_expression(text, valid, result)
+    except ExprError as exc:
+        return [_expression_finding(located, path, text, exc)]
+    if result == "boolean" and not compiled.names:
+        message = (
+            "the condition reads no signal, so no reading ever evaluates it; "
+            f"name at least one of: {', '.join(valid)}"
+        )
+        return [located.finding(path, message, at_value=True)]
+    return []
+
+
+def _expression_finding(
+    located: yamlfile.Located, path: list[str | int], text: str, exc: ExprError
+) -> Finding:
+    """The error at the offending character of the expression when the scalar is on one line
+    (plain, or quoted without escapes); else at the scalar, with the column in the message."""
+    line, col = located.value_position(path)
+    message = exc.message
+    if line is None or col is None or exc.column is None:
+        return Finding(located.file, line, col, yamlfile.dotted(path), message)
+    try:
+        source = Path(located.file).read_text(encoding="utf-8").splitlines()[line - 1]
+    except (OSError, UnicodeDecodeError, IndexError):
+        source = ""
+    start = col + 1 if source[col - 1 : col] in ("'", '"') else col
+    if "\n" not in text and source[start - 1 : start - 1 + len(text)] == text:
+        return Finding(located.file, line, start + exc.column - 1, yamlfile.dotted(path), message)
+    return Finding(
+        located.file,
+        line,
+        col,
+        yamlfile.dotted(path),
+        f"{message} (at column {exc.column} of the expression)",
+    )
 
 
 def _lint_trigger(
@@ -501,8 +576,8 @@ def _lint_trigger(
     name = spec.trigger_signal(trigger) or ""
     at_signal: list[str | int] = [*path, "signal"]
     is_number = signal.type in spec.NUMERIC_TYPES and signal.enum is None
-    if isinstance(trigger, (spec.QualityTrigger, spec.PeriodicTrigger)):
-        return []  # any signal has a quality; a periodic trigger has no signal
+    if isinstance(trigger, (spec.QualityTrigger, spec.PeriodicTrigger, spec.ConditionTrigger)):
+        return []  # any signal has a quality; periodic and condition triggers have no signal
     if isinstance(trigger, spec.WindowTrigger):
         if not is_number:
             hint = (

@@ -32,7 +32,7 @@ connections are checked by :mod:`gateway.mapping.loader`):
 - ``enum`` labels: a mapping of codes to labels on ``integer`` and ``string`` signals (codes of
   the signal's type), a list of allowed states on ``string`` signals only;
 - a trigger is a tagged union on ``kind`` (``on_change``, ``transition``, ``edge``, ``counter``,
-  ``threshold``, ``quality``, ``periodic``, ``window``); a data field has exactly one source key
+  ``threshold``, ``quality``, ``periodic``, ``window``, ``condition``); a data field has exactly one source key
   (:data:`DATA_SOURCE_KINDS`);
 - a deadband has exactly one of ``absolute`` or ``percent``; a threshold exactly one of
   ``above`` or ``below``; a counter's ``rollover_at`` comes with ``max_delta``;
@@ -43,7 +43,8 @@ connections are checked by :mod:`gateway.mapping.loader`):
 Which signal types a trigger accepts, whether ``from``/``to`` name states of the signal's
 ``enum``, which ``{trigger: <attribute>}`` a trigger offers (:data:`TRIGGER_ATTRIBUTES`) and
 whether a periodic snapshot reads a signal need the rest of the file: the loader checks them.
-Every trigger has a ``signal`` except ``periodic`` (:func:`trigger_signal`).
+Every trigger has a ``signal`` except ``periodic`` and ``condition`` (:func:`trigger_signal`).
+Expressions (``when:``, ``{expr: ...}``) are compiled against the file's signals by the loader.
 
 The models give the JSON Schema of the format (``MappingSpec.model_json_schema()``): every field
 has a description, and the "exactly one" rules are expressed with ``oneOf`` as well.
@@ -101,6 +102,7 @@ DATA_SOURCE_KINDS: tuple[str, ...] = (
     "const",
     "quality",
     "trigger",
+    "expr",
 )
 """The keys a data field may use, exactly one per field."""
 
@@ -116,6 +118,7 @@ TRIGGER_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "quality": ("quality", "previous_quality", "reason", "state_duration_s"),
     "periodic": (),
     "window": (*WINDOW_AGGREGATES, "window_start"),
+    "condition": ("state_duration_s",),
 }
 """Trigger kind -> the attributes its events can read with ``{trigger: <attribute>}``."""
 
@@ -650,6 +653,32 @@ class WindowTrigger(Strict):
     first reading on)."""
 
 
+Expression = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2000,
+        examples=["part_present == false && cycle_time_s > 0.0", "air_pressure * 14.5038"],
+    ),
+]
+"""A CEL expression over the file's signals (by name); ``docs/expressions.md``."""
+
+
+class ConditionTrigger(Strict):
+    """Emit when a boolean expression over several signals becomes true (its rising edge)."""
+
+    kind: Literal["condition"]
+    """Trigger kind; the key that selects the rest of this block."""
+    when: Expression = Field(examples=["guard_door_open && mode == 'Running'"])
+    """A CEL expression of type bool over the file's signals (``docs/expressions.md``). It is
+    evaluated whenever one of the signals it reads gets a reading; the event fires when it goes
+    from false (or not yet known) to true. While a signal it needs has no value (none yet, or
+    a bad reading) the condition is unknown: no event, and the last known result stands."""
+    on_first_value: FirstValue = "skip"
+    """``skip`` (default): a condition already true at its first known result only sets the
+    state; ``emit``: it fires (its ``state_duration_s`` is null)."""
+
+
 Trigger = Annotated[
     OnChangeTrigger
     | TransitionTrigger
@@ -658,14 +687,16 @@ Trigger = Annotated[
     | ThresholdTrigger
     | QualityTrigger
     | PeriodicTrigger
-    | WindowTrigger,
+    | WindowTrigger
+    | ConditionTrigger,
     Field(discriminator="kind"),
 ]
 """Tagged union on ``kind``."""
 
 
 def trigger_signal(trigger: Any) -> str | None:
-    """The signal a trigger watches; None for a periodic trigger (it watches the clock)."""
+    """The signal a trigger watches; None for a periodic trigger (it watches the clock) and a
+    condition (it watches the signals its expression reads)."""
     name: str | None = getattr(trigger, "signal", None)
     return name
 
@@ -712,7 +743,7 @@ class QualitySource(Strict):
 class TriggerSource(Strict):
     """A value the event's own trigger computed when it fired (which ones depends on its kind:
     transition ``state_duration_s``; edge ``edge``, ``state_duration_s``; counter ``delta``;
-    threshold ``crossing``, ``state_duration_s``; quality ``quality``, ``previous_quality``,
+    threshold ``crossing``, ``state_duration_s``; condition ``state_duration_s``; quality ``quality``, ``previous_quality``,
     ``reason``, ``state_duration_s``; window ``count``, ``min``, ``max``, ``mean``,
     ``first``, ``last``, ``window_start``; periodic none)."""
 
@@ -727,6 +758,14 @@ class TriggerSource(Strict):
     failure, the reading's status, ``no reading for 30 s``), null when good; ``count``,
     ``min``, ``max``, ``mean``, ``first``, ``last``: of the window's good readings (null when
     it has none); ``window_start``: the window's start, an RFC 3339 time."""
+
+
+class ExprSource(Strict):
+    """A value computed from the current values of the file's signals by a CEL expression;
+    null when a signal it needs has no value (or a bad reading) or the computation fails."""
+
+    expr: Expression
+    """The expression (``docs/expressions.md``), e.g. ``air_pressure * 14.5038``."""
 
 
 def _source_kind(value: Any) -> str | None:
@@ -745,7 +784,8 @@ DataSource = Annotated[
     | Annotated[AttributeSource, Tag("attribute-source")]
     | Annotated[ConstSource, Tag("const-source")]
     | Annotated[QualitySource, Tag("quality-source")]
-    | Annotated[TriggerSource, Tag("trigger-source")],
+    | Annotated[TriggerSource, Tag("trigger-source")]
+    | Annotated[ExprSource, Tag("expr-source")],
     Discriminator(
         _source_kind,
         custom_error_type="data_source",
@@ -772,6 +812,13 @@ class EventSpec(Strict):
     """CloudEvent ``dataschema``: URI of the JSON Schema of ``data``; omitted when null."""
     trigger: Trigger
     """When the event fires."""
+    when: Expression | None = Field(
+        default=None, examples=["mode == 'Running'", "part_counter > 0"]
+    )
+    """A guard: a CEL boolean expression over the file's signals, evaluated when the trigger
+    fires; the event is emitted only when it is true (false or unknown: dropped and counted;
+    the trigger's state moves either way). Not on a ``condition`` trigger (put it into the
+    trigger's own ``when``)."""
     data: dict[FieldName, DataSource] = Field(
         default_factory=dict,
         examples=[
@@ -781,6 +828,15 @@ class EventSpec(Strict):
     )
     """The event's ``data`` object: field name -> where its value comes from (declared order
     is kept)."""
+
+    @model_validator(mode="after")
+    def _no_guard_on_a_condition(self) -> EventSpec:
+        if self.when is not None and isinstance(self.trigger, ConditionTrigger):
+            raise ValueError(
+                "a condition trigger has its own when: combine the two with && in the "
+                "trigger's when instead of an event-level when"
+            )
+        return self
 
 
 class MappingSpec(Strict):
