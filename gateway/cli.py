@@ -1,7 +1,7 @@
 """The ``digispine-gateway`` command line.
 
 Commands: ``run`` (the service), ``validate`` (config and mappings, every finding located, exit
-78), ``demo`` (a simulated shop floor, local brokers and the gateway, events shown as they arrive
+78), ``catalog`` (the event types the mappings emit, with topics and contracts, as JSON), ``demo`` (a simulated shop floor, local brokers and the gateway, events shown as they arrive
 in Kafka), ``version``. Errors reach the user as located lines, never as tracebacks.
 """
 
@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("paths", nargs="*", metavar="PATH",
                       help="mapping files or directories (default: the configured mappings)")
     test.set_defaults(func=_test)
+
+    cat = sub.add_parser("catalog", help="print, as JSON, every event type the mappings can emit "
+                                         "(topic, subjects, contract)")
+    config_arg(cat)
+    cat.set_defaults(func=_catalog)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of mapping files or of the config")
     schema.add_argument("which", choices=["mapping", "config"])
@@ -184,6 +189,41 @@ def _test(args: argparse.Namespace) -> int:
         print(f"note: no test cases in {', '.join(untested)}")
     print(f"{len(results) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _catalog(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.mapping.contracts import VIOLATION_CONTRACT, VIOLATION_TYPE, Contract, split_type
+    from gateway.sinks.kafka import topic_for
+
+    settings, files, _ = _load(args.config)
+    subjects: dict[str, list[str]] = {}
+    contracts: dict[str, Contract] = {VIOLATION_TYPE: VIOLATION_CONTRACT}
+    for f in files:
+        for event in f.spec.events.values():
+            subjects.setdefault(event.type, [])
+            if f.subject not in subjects[event.type]:
+                subjects[event.type].append(f.subject)
+        contracts.update(f.contracts)
+    subjects[VIOLATION_TYPE] = [f.subject for f in files]  # any asset's event may break its contract
+    out = []
+    for event_type in sorted(subjects):
+        domain, name, major = split_type(event_type)
+        contract = contracts.get(event_type)
+        out.append({
+            "type": event_type,
+            "domain": domain,
+            "name": name,
+            "major": major,
+            "subjects": sorted(subjects[event_type]),
+            "topic": topic_for(settings.kafka.topic_template, event_type, settings.gateway.id),
+            "owner": contract.spec.owner if contract else None,
+            "description": contract.spec.description if contract else None,
+            "data_schema": contract.data_schema() if contract else None,
+        })
+    print(json.dumps(out, indent=2))
+    return 0
 
 
 def _schema(args: argparse.Namespace) -> int:

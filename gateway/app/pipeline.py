@@ -12,6 +12,10 @@ Ordering and acknowledgement rules (the invariants the rest of the gateway relie
   backoff and the sources are held back by the bounded queue, so upstream peers keep the data.
 - A mapping bug on one signal never stops the stream: it is counted, logged and the signal is
   dropped (reason ``mapping_error``).
+- An event whose ``data`` breaks the contract of its type (:mod:`gateway.mapping.contracts`)
+  is not buffered: it is counted (``contract_violations_total{type}``), logged, and replaced by
+  a dead-letter event of type ``gateway.ContractViolation.v1`` carrying the reason and the
+  original data (its own topic through the topic template).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import msgspec
 
 from gateway import logs
 from gateway.buffer.disk import DiskBuffer
+from gateway.mapping.contracts import dead_letter
 from gateway.mapping.engine import Mapper
 from gateway.metrics import Metrics
 from gateway.model import DomainEvent
@@ -141,6 +146,27 @@ class Pipeline:
         self.metrics.inc("events_mapped_total", len(events))
         return events
 
+    def _contracted(self, events: list[DomainEvent]) -> list[DomainEvent]:
+        """Replace each event that breaks its type's contract by its dead-letter event."""
+        contracts = getattr(self.mapper, "contracts", None)  # stand-in mappers may have none
+        if not contracts:
+            return events
+        out = events
+        for i, e in enumerate(events):
+            contract = contracts.get(e.type)
+            if contract is None:
+                continue
+            reason = contract.violation(e.data)
+            if reason is None:
+                continue
+            if out is events:
+                out = list(events)
+            out[i] = dead_letter(e, reason)
+            self.metrics.inc("contract_violations_total", type=e.type)
+            self._log.warning("pipeline.contract_violation", type=e.type, subject=e.subject,
+                              id=e.id, reason=reason)
+        return out
+
     def _sendable(self, events: list[DomainEvent]) -> list[DomainEvent]:
         """Drop (count, log) events that cannot be encoded, so one bad timestamp cannot be
         mistaken for a disk failure and hold the stream forever."""
@@ -170,7 +196,7 @@ class Pipeline:
         return kept
 
     async def _append(self, events: list[DomainEvent]) -> None:
-        events = self._sendable(events)
+        events = self._sendable(self._contracted(events))
         if not events:
             return
         delay = 0.2

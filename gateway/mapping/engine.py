@@ -74,6 +74,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from gateway.mapping.contracts import Contract
 from gateway.mapping.expr import CompiledExpr, EvalError
 from gateway.mapping.loader import MappingFile, compile_expression
 from gateway.mapping.spec import (
@@ -1100,6 +1101,10 @@ class Mapper:
                 reproducible.
         """
         self.files = list(files)
+        self.contracts: dict[str, Contract] = {
+            t: c for file in self.files for t, c in file.contracts.items()
+        }
+        """Event type -> contract, for the event types of the files that have one."""
         self.gateway_id = gateway_id
         self.ids = ids
         self.conversion_errors = 0

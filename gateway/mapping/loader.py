@@ -20,18 +20,23 @@ read with one set of address settings (the source reads each address once).
 Binding the same ``(connection, tag)`` to several signals, in one file or in several, is
 allowed: each binding is updated from the same readings.
 
+Last, the contracts of ``<directory>/contracts/`` (:mod:`gateway.mapping.contracts`) are loaded
+and every event whose type has one is checked against it (required fields produced, no
+undeclared field when the contract forbids them, types of sources known statically).
+
 Every finding of every file is collected and :class:`~gateway.errors.ConfigError` is raised once,
 each finding located as ``file:line:col path``; nothing is returned unless all files are valid.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import types
 import typing
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,10 +45,13 @@ from pydantic import BaseModel, Tag, ValidationError
 from gateway import yamlfile
 from gateway.errors import ConfigError, Finding
 from gateway.mapping import spec
+from gateway.mapping.contracts import Contract, check_event, load_contracts
 from gateway.mapping.expr import CompiledExpr, ExprError, ResultKind, Variable, compile_expr
 from gateway.mapping.spec import MappingSpec, SignalSpec
 
 SUFFIXES = (".yaml", ".yml")
+CONTRACTS_DIRECTORY = "contracts"
+"""The subdirectory of the mapping directory holding the event type contracts."""
 SUPPORTED_PROTOCOLS = frozenset({"mqtt"})
 """Protocols whose sources exist in this version; signals on other connections are refused."""
 PROTOCOL_TITLES = {"mqtt": "MQTT", "opcua": "OPC UA", "modbus": "Modbus"}
@@ -70,6 +78,9 @@ class MappingFile:
     """The file, as found in the mapping directory (used in messages)."""
     spec: MappingSpec
     """Its validated content."""
+    contracts: Mapping[str, Contract] = dataclasses.field(default_factory=dict)
+    """Event type -> contract, for the types of this file's events that have one (from the
+    ``contracts`` subdirectory of the mapping directory)."""
 
     @property
     def subject(self) -> str:
@@ -109,9 +120,29 @@ def load_mappings(directory: Path, connections: Mapping[str, str]) -> list[Mappi
         if one is not None:
             loaded.append(one)
     findings += _lint_across(loaded)
+    contracts, problems = load_contracts(directory / CONTRACTS_DIRECTORY)
+    findings += problems
+    findings += _check_contracts(loaded, contracts)
     if findings:
         raise ConfigError(findings)
-    return [one.file for one in loaded]
+    return [
+        replace(one.file, contracts={
+            t: contracts[t] for t in dict.fromkeys(e.type for e in one.file.spec.events.values())
+            if t in contracts
+        })
+        for one in loaded
+    ]
+
+
+def _check_contracts(loaded: Sequence[_Loaded], contracts: Mapping[str, Contract]) -> list[Finding]:
+    """Every event whose type has a contract, checked statically against it."""
+    out: list[Finding] = []
+    for one in loaded:
+        for event_id, event in one.file.spec.events.items():
+            contract = contracts.get(event.type)
+            if contract is not None:
+                out += check_event(event_id, event, one.file.spec, contract, one.located)
+    return out
 
 
 def discover(directory: Path) -> list[Path]:
