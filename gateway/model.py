@@ -205,13 +205,22 @@ def encode_json(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
+LATEST_TIME = 253_402_300_800.0
+"""10000-01-01T00:00:00Z: the first instant RFC 3339 (four-digit years) cannot write."""
+
+
+def representable(ts: float) -> bool:
+    """Whether ``ts`` (Unix seconds) can be an event time: 1970 up to the end of 9999."""
+    return 0.0 <= ts < LATEST_TIME  # False for NaN too
+
+
 _second_cache: tuple[int, str] = (-1, "")
 
 
 def rfc3339(ts: float) -> str:
     """``2026-11-28T22:09:01.123456Z`` without a datetime per call (the per-second part is cached)."""
     global _second_cache
-    if not 0 <= ts < 253_402_300_800:  # also NaN: RFC 3339 years are 0000-9999
+    if not representable(ts):
         raise ValueError(f"event time {ts!r} is outside 1970-01-01 .. 9999-12-31")
     sec = int(ts)
     micros = round((ts - sec) * 1_000_000)

@@ -31,15 +31,12 @@ from gateway.buffer.disk import DiskBuffer
 from gateway.mapping.contracts import dead_letter
 from gateway.mapping.engine import Mapper
 from gateway.metrics import Metrics
-from gateway.model import DomainEvent
+from gateway.model import DomainEvent, representable
 from gateway.sources.base import Delivery
 from gateway.trace import Recorder
 
 UNENCODABLE = (ValueError, TypeError, OverflowError, msgspec.EncodeError)
 """What encoding an event may raise for a value JSON cannot carry (as opposed to an I/O error)."""
-
-LATEST_EVENT_TIME = 253_402_300_800.0
-"""Event times from here on (year 10000) cannot be written as RFC 3339."""
 
 TICK_S = 1.0
 """How often time-based triggers (debounced edges) are evaluated without a new reading."""
@@ -167,38 +164,24 @@ class Pipeline:
                               id=e.id, reason=reason)
         return out
 
-    def _sendable(self, events: list[DomainEvent]) -> list[DomainEvent]:
-        """Drop (count, log) events that cannot be encoded, so one bad timestamp cannot be
-        mistaken for a disk failure and hold the stream forever."""
-        if all(0.0 <= e.time < LATEST_EVENT_TIME for e in events):
-            return events
-        kept = []
-        for e in events:
-            if 0.0 <= e.time < LATEST_EVENT_TIME:
-                kept.append(e)
-            else:
-                self.metrics.inc("events_dropped_total", reason="invalid_time")
-                self._log.warning("pipeline.invalid_event_time", type=e.type, subject=e.subject,
-                                  time=repr(e.time))
-        return kept
-
     def _encodable(self, events: list[DomainEvent]) -> list[DomainEvent]:
+        """Drop (count, log) the events the encoder refuses, e.g. a time past 9999 from a bad
+        device clock, so one of them cannot pass for a disk failure and hold the stream."""
         kept = []
         for e in events:
             try:
                 e.encode()
             except UNENCODABLE as exc:
-                self.metrics.inc("events_dropped_total", reason="unencodable")
+                reason = "unencodable" if representable(e.time) else "invalid_time"
+                self.metrics.inc("events_dropped_total", reason=reason)
                 self._log.warning("pipeline.unencodable_event", type=e.type, subject=e.subject,
-                                  error=str(exc)[:200])
+                                  reason=reason, error=str(exc)[:200])
             else:
                 kept.append(e)
         return kept
 
     async def _append(self, events: list[DomainEvent]) -> None:
-        events = self._sendable(self._contracted(events))
-        if not events:
-            return
+        events = self._contracted(events)
         delay = 0.2
         while True:
             try:

@@ -86,20 +86,20 @@ def run_demo(config: str | None, *, duration_s: float | None, interval_s: float)
 
 def _consume_until(bootstrap: str, template: str, duration_s: float | None,
                    gateway: subprocess.Popen[bytes]) -> int:
+    """Print events read back from Kafka until the deadline, Ctrl-C or the gateway's exit;
+    returns how many arrived."""
     prefix = template.split("{", 1)[0]
     pattern = "^" + prefix.replace(".", r"\.") + ".*"
+    seen = [0]  # kept when Ctrl-C interrupts asyncio.run
     try:
-        return asyncio.run(_consume(bootstrap, pattern, duration_s, gateway))
+        asyncio.run(_consume(bootstrap, pattern, duration_s, gateway, seen))
     except KeyboardInterrupt:
-        return _seen
-
-
-_seen = 0
+        pass
+    return seen[0]
 
 
 async def _consume(bootstrap: str, pattern: str, duration_s: float | None,
-                   gateway: subprocess.Popen[bytes]) -> int:
-    global _seen
+                   gateway: subprocess.Popen[bytes], seen: list[int]) -> None:
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
@@ -114,11 +114,10 @@ async def _consume(bootstrap: str, pattern: str, duration_s: float | None,
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 for record in records:
-                    _seen += 1
+                    seen[0] += 1
                     print(_format(record), flush=True)
     finally:
         await consumer.stop()
-    return _seen
 
 
 def _format(record: Any) -> str:

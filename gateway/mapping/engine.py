@@ -68,6 +68,7 @@ of events it already fired at that time (kept in its state: ``last_event_time``,
 
 from __future__ import annotations
 
+import abc
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -315,7 +316,7 @@ def _duration(start: float | None, end: float) -> float | None:
     return end - start
 
 
-class _Rule:
+class _Rule(abc.ABC):
     """One event of one file: its trigger evaluator, state and data extractors.
 
     Subclasses implement :meth:`fires` for their trigger kind (and :meth:`interrupt` and
@@ -370,17 +371,17 @@ class _Rule:
         """Whether :meth:`Mapper.tick` must call :meth:`tick` (the clock may fire the event)."""
         return False
 
+    @abc.abstractmethod
     def fires(self, value: Any, t: float, received: float) -> bool:
         """Whether a good reading (converted ``value``, signal time ``t``, gateway receive time
         ``received``) fires the event; updates the trigger's state either way."""
-        raise NotImplementedError
 
     def interrupt(self, t: float, received: float) -> bool:
         """A bad reading of the signal arrived: whether it fires the event (only quality
         triggers fire on one; state triggers do not move)."""
         return False
 
-    def tick(self, now: float, out: list[DomainEvent]) -> None:
+    def tick(self, now: float, out: list[DomainEvent]) -> None:  # noqa: B027 - no-op default
         """Append the events the gateway's clock (``now``, Unix seconds) fires."""
 
     def watched(self) -> tuple[SignalState, ...]:

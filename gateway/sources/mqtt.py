@@ -89,7 +89,7 @@ from gateway import logs
 from gateway.configbase import Strict
 from gateway.errors import SourceUnavailable
 from gateway.metrics import Metrics
-from gateway.model import Quality, Signal
+from gateway.model import Quality, Signal, representable
 from gateway.sources.base import Delivery, Emit
 
 
@@ -198,10 +198,6 @@ def _lookup(doc: Any, parts: tuple[_Part, ...]) -> Any:
     return node
 
 
-LATEST_TIME = 253_402_300_799.0
-"""9999-12-31T23:59:59Z: a later source timestamp is malformed (RFC 3339 has four-digit years)."""
-
-
 def unix_time(raw: Any) -> float | None:
     """Unix seconds from seconds, milliseconds (> 1e11) or an RFC 3339 string; None if neither.
 
@@ -218,14 +214,14 @@ def unix_time(raw: Any) -> float | None:
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=UTC)
             stamp = parsed.timestamp()
-            return stamp if 0 < stamp <= LATEST_TIME else None
+            return stamp if stamp > 0 and representable(stamp) else None
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         return None
     ts = float(raw)
     if not math.isfinite(ts) or ts <= 0:
         return None
     ts = ts / 1000.0 if ts > MILLISECONDS_ABOVE else ts
-    return ts if ts <= LATEST_TIME else None
+    return ts if representable(ts) else None
 
 
 @dataclass(frozen=True, slots=True)
