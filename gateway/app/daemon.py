@@ -2,7 +2,8 @@
 
 Start order (Telegraf's agent, Vector's topology): settings and mappings are validated before
 anything starts (exit 78 on any finding); the buffer opens (events left from the last run are
-forwarded first); the forwarder starts (it waits for Kafka on its own); the pipeline starts;
+forwarded first) and the mapping state saved with it is restored where the mapping files did not
+change the definition; the forwarder starts (it waits for Kafka on its own); the pipeline starts;
 the sources start last. Then systemd hears ``READY=1``.
 
 Stop order (SIGTERM, SIGINT): sources stop (nothing new is accepted), the pipeline drains what
@@ -98,6 +99,7 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in order."""
         await self.buffer.open()
+        await self._restore_state()
         self._log.info("daemon.starting", version=__version__, gateway_id=self.settings.gateway.id,
                        sources=[s.name for s in self.sources], buffered=self.buffer.pending_events)
         forwarder = asyncio.create_task(self.forwarder.run(), name="forwarder")
@@ -126,6 +128,16 @@ class Daemon:
         for task in crashed:
             task.result()  # re-raise a core component's crash: exit non-zero, systemd restarts
 
+    async def _restore_state(self) -> None:
+        """Continue the mapping state saved with the buffer (counters, states, windows...)."""
+        saved = await self.buffer.load_state()
+        restored, discarded = self.mapper.restore_state(saved)
+        pruned = await self.buffer.prune_state(self.mapper.state_fingerprints())
+        self.metrics.inc("mapping_states_restored_total", restored)
+        self.metrics.inc("mapping_states_discarded_total", discarded)
+        self._log.info("mapping.state_restored", restored=restored, discarded=discarded,
+                       pruned=pruned, states=len(self.mapper.state_fingerprints()))
+
     def _start_source(self, source: Source) -> None:
         self._source_tasks[source.name] = asyncio.create_task(
             self._supervise_source(source), name=f"source:{source.name}")
@@ -152,6 +164,8 @@ class Daemon:
             changed = _changed_bindings(self.mapper.bindings(), mapper.bindings())
             carried = mapper.adopt_state(self.mapper)
             self.mapper = self.pipeline.mapper = mapper
+            # Queued behind any append of the old mapper's state, so nothing stale survives.
+            await self.buffer.prune_state(mapper.state_fingerprints())
             restarted = []
             for source in sources:
                 if source.name in changed or source.name not in self._source_tasks:

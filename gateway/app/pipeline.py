@@ -10,6 +10,10 @@ Ordering and acknowledgement rules (the invariants the rest of the gateway relie
   acknowledged too, after the events of the deliveries before it.
 - If the append fails (disk full, I/O error) nothing is acknowledged: the batch is retried with
   backoff and the sources are held back by the bounded queue, so upstream peers keep the data.
+- The mapping engine's state changed by a batch (:meth:`Mapper.take_dirty_state`) is written
+  in the same transaction as the batch's events, also when the batch fired none: what was
+  acknowledged upstream is exactly what the saved state has seen, so a restart (even after
+  ``kill -9``) continues counters, states and windows where the buffered events left them.
 - A mapping bug on one signal never stops the stream: it is counted, logged and the signal is
   dropped (reason ``mapping_error``).
 - An event whose ``data`` breaks the contract of its type (:mod:`gateway.mapping.contracts`)
@@ -29,7 +33,7 @@ import msgspec
 from gateway import logs
 from gateway.buffer.disk import DiskBuffer
 from gateway.mapping.contracts import dead_letter
-from gateway.mapping.engine import Mapper
+from gateway.mapping.engine import Mapper, StateRecord
 from gateway.metrics import Metrics
 from gateway.model import DomainEvent, representable
 from gateway.sources.base import Delivery
@@ -94,7 +98,9 @@ class Pipeline:
             return
         if events:
             self.metrics.inc("events_mapped_total", len(events))
-            await self._append(events)
+        state = self._take_state()
+        if events or state:
+            await self._append(events, state)
 
     async def drain(self) -> int:
         """Process whatever is queued now (used at shutdown, after the sources stopped)."""
@@ -117,8 +123,9 @@ class Pipeline:
         if self.recorder is not None:
             self.recorder.write(s for d in batch for s in d.signals)
         events = self._map(batch)
-        if events:
-            await self._append(events)
+        state = self._take_state()
+        if events or state:
+            await self._append(events, state)
         for d in batch:
             if d.ack is not None:
                 try:
@@ -126,6 +133,10 @@ class Pipeline:
                 except Exception:  # noqa: BLE001 - a broken upstream connection redelivers
                     self.metrics.inc("ack_errors_total")
                     self._log.warning("pipeline.ack_failed", exc_info=True)
+
+    def _take_state(self) -> list[StateRecord]:
+        take = getattr(self.mapper, "take_dirty_state", None)  # stand-in mappers may have none
+        return take() if take is not None else []
 
     def _map(self, batch: Sequence[Delivery]) -> list[DomainEvent]:
         events: list[DomainEvent] = []
@@ -180,15 +191,15 @@ class Pipeline:
                 kept.append(e)
         return kept
 
-    async def _append(self, events: list[DomainEvent]) -> None:
+    async def _append(self, events: list[DomainEvent], state: list[StateRecord]) -> None:
         events = self._contracted(events)
         delay = 0.2
         while True:
             try:
-                await self.buffer.append(events)
+                await self.buffer.append(events, state)
             except UNENCODABLE:  # a value the encoder refuses (not an I/O error): drop just those
                 events = self._encodable(events)
-                if not events:
+                if not events and not state:
                     return
                 continue
             except Exception as exc:  # noqa: BLE001 - disk full, I/O error: hold, ack nothing

@@ -20,6 +20,11 @@ Schema (format 1, marked by ``PRAGMA application_id`` = ``0x44475742`` and
         size    INTEGER NOT NULL,                   -- len(body), what max_bytes counts
         body    BLOB    NOT NULL                    -- DomainEvent.encode(): structured CloudEvent
     )
+    CREATE TABLE mapper_state (                     -- added in place to format-1 files at open
+        key         TEXT PRIMARY KEY,               -- "signal\t<subject>\t<name>" / "event\t..."
+        fingerprint TEXT NOT NULL,                  -- hash of the definition the state belongs to
+        state       BLOB NOT NULL                   -- the mapping engine's state dataclass as JSON
+    ) WITHOUT ROWID
 
 Invariants:
 
@@ -29,6 +34,10 @@ Invariants:
 - One ``append`` call is one transaction: after it returns every event of the call is stored
   (durable per ``sync``), or, on an exception, none is. Events that had to be dropped to honour
   ``max_bytes`` are counted and never half-written.
+- The mapping engine's state is written in the same transaction as the events of the same
+  readings (``append(events, state)``): after a crash the saved state is exactly the state
+  that produced the buffered events, so a restart neither re-counts a counter increment nor
+  forgets a transition (see :meth:`gateway.mapping.engine.Mapper.take_dirty_state`).
 - An event leaves the buffer only by ``delete`` (the forwarder, after Kafka acknowledged it) or
   by the ``when_full`` policy (counted in ``events_dropped_total``).
 - ``pending_events`` / ``pending_bytes`` equal ``count(*)`` / ``sum(size)`` of the table: they
@@ -130,12 +139,22 @@ CREATE TABLE events (
     body    BLOB    NOT NULL
 )
 """
+_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mapper_state (
+    key         TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    state       BLOB NOT NULL
+) WITHOUT ROWID
+"""
 _INSERT = "INSERT INTO events (type, subject, size, body) VALUES (?, ?, ?, ?)"
+_PUT_STATE = "INSERT OR REPLACE INTO mapper_state (key, fingerprint, state) VALUES (?, ?, ?)"
 _READ = "SELECT seq, type, subject, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
 
 T = TypeVar("T")
 Row = tuple[str, str, int, bytes]
 """An event as inserted: type, subject, size, body."""
+StateRow = tuple[str, str, bytes]
+"""A mapping-engine state as stored: key, fingerprint, state (see ``mapper_state``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +245,9 @@ class _Store:
         elif version != FORMAT_VERSION or "events" not in tables:
             raise errors.BufferError(
                 f"{self.path}: unreadable buffer format {version} (tables: {sorted(tables)})")
+        if "mapper_state" not in tables:  # additive: older gateways ignore the table
+            with self.transaction():
+                conn.execute(_STATE_SCHEMA)
 
     def _recover_counts(self, conn: sqlite3.Connection) -> None:
         count, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM events").fetchone()
@@ -258,7 +280,8 @@ class _Store:
 
     # -- operations ---------------------------------------------------------------------
 
-    def append(self, rows: list[Row], max_bytes: int, when_full: str) -> _Appended:
+    def append(self, rows: list[Row], max_bytes: int, when_full: str,
+               state: Sequence[StateRow] = ()) -> _Appended:
         incoming = sum(r[2] for r in rows)
         dropped_new = dropped_old = 0
         evict_bytes = self.pending_bytes + incoming - max_bytes
@@ -276,6 +299,8 @@ class _Store:
             if rows:
                 conn.executemany(_INSERT, rows)
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            if state:
+                conn.executemany(_PUT_STATE, state)
         self.pending_events += len(rows) - evicted[0]
         self.pending_bytes += incoming - evicted[1]
         if rows:
@@ -303,6 +328,18 @@ class _Store:
     def read(self, after_seq: int, limit: int) -> list[BufferedRecord]:
         rows = self._conn().execute(_READ, (after_seq, limit)).fetchall()
         return [BufferedRecord(*row) for row in rows]
+
+    def load_state(self) -> list[StateRow]:
+        return self._conn().execute("SELECT key, fingerprint, state FROM mapper_state").fetchall()
+
+    def prune_state(self, keep: dict[str, str]) -> int:
+        """Delete the states whose key is not in ``keep`` or whose fingerprint differs."""
+        stale = [key for key, fp in self._conn().execute(
+            "SELECT key, fingerprint FROM mapper_state") if keep.get(key) != fp]
+        if stale:
+            with self.transaction() as conn:
+                conn.executemany("DELETE FROM mapper_state WHERE key = ?", ((k,) for k in stale))
+        return len(stale)
 
     def delete(self, seqs: Sequence[int]) -> int:
         count = size = 0
@@ -455,8 +492,9 @@ class DiskBuffer:
 
     # -- operations ---------------------------------------------------------------------
 
-    async def append(self, events: Sequence[DomainEvent]) -> None:
-        """Store ``events`` in one transaction, durable per ``sync`` when this returns.
+    async def append(self, events: Sequence[DomainEvent], state: Sequence[StateRow] = ()) -> None:
+        """Store ``events`` (and the mapping state ``state`` that produced them) in one
+        transaction, durable per ``sync`` when this returns.
 
         When the events do not fit in ``max_bytes`` the ``when_full`` policy drops (and counts)
         the oldest buffered or the newest offered events; nothing here waits for space.
@@ -469,11 +507,11 @@ class DiskBuffer:
                 self._drop_too_large(event, len(body))
                 continue
             rows.append((event.type, event.subject, len(body), body))
-        if rows:
-            await self._call(self._append_rows, rows)
+        if rows or state:
+            await self._call(self._append_rows, rows, state)
 
-    def _append_rows(self, rows: list[Row]) -> None:
-        result = self._store.append(rows, self._config.max_bytes, self._config.when_full)
+    def _append_rows(self, rows: list[Row], state: Sequence[StateRow]) -> None:
+        result = self._store.append(rows, self._config.max_bytes, self._config.when_full, state)
         # Scheduled before the awaiting coroutine resumes, and even if it was cancelled.
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._appended_done, result)
@@ -509,6 +547,16 @@ class DiskBuffer:
     async def read(self, after_seq: int, limit: int) -> list[BufferedRecord]:
         """Up to ``limit`` records with ``seq > after_seq``, oldest first."""
         return await self._call(self._store.read, after_seq, limit)
+
+    async def load_state(self) -> list[StateRow]:
+        """Every saved mapping-engine state (start-up)."""
+        return await self._call(self._store.load_state)
+
+    async def prune_state(self, keep: dict[str, str]) -> int:
+        """Forget saved states of keys not in ``keep`` (key -> fingerprint) or of another
+        fingerprint (start-up and reload, after the mapper took what it could); returns how
+        many were deleted."""
+        return await self._call(self._store.prune_state, keep)
 
     async def delete(self, seqs: Sequence[int]) -> None:
         """Remove records (Kafka acknowledged them); seqs already gone are ignored."""

@@ -9,7 +9,9 @@ precomputed), one data extractor per event field, the ``source`` string per conn
 synchronous and never raises on a reading; call it, and :meth:`Mapper.tick`, from one thread
 (the daemon's event loop).
 
-State is explicit and plain, so that it can be saved and restored: one :class:`SignalState` per
+State is explicit and plain, so that it can be saved and restored (:meth:`Mapper.take_dirty_state`
+gives what changed since the last call, which the pipeline writes to the buffer in the same
+transaction as the events; :meth:`Mapper.restore_state` loads it at start-up): one :class:`SignalState` per
 signal per file (:attr:`Mapper.signal_states`) and one state dataclass per event
 (:attr:`Mapper.trigger_states`: :class:`OnChangeState`, :class:`TransitionState`,
 :class:`EdgeState`, :class:`CounterState`, :class:`ThresholdState`, :class:`QualityState`,
@@ -69,11 +71,14 @@ of events it already fired at that time (kept in its state: ``last_event_time``,
 from __future__ import annotations
 
 import abc
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
+
+import msgspec
 
 from gateway.mapping.contracts import Contract
 from gateway.mapping.expr import CompiledExpr, EvalError
@@ -116,6 +121,16 @@ Converter = Callable[[Any], Any]
 
 _QUALITY_TEXT: dict[Any, str] = {q: q.value for q in Quality}
 _QUALITY_TEXT.update({q.value: q.value for q in Quality})
+
+STATE_FORMAT = 1
+"""Version of the persisted state records (:meth:`Mapper.take_dirty_state`); part of every
+fingerprint, so a gateway that changes a state dataclass starts those states fresh."""
+
+StateRecord = tuple[str, str, bytes]
+"""A persisted state: key (``signal\t<subject>\t<name>`` or ``event\t<subject>\t<event id>``),
+fingerprint of the definition it belongs to, the state dataclass as JSON."""
+
+_STATE_ENCODER = msgspec.json.Encoder()
 
 
 class ConversionError(ValueError):
@@ -1063,11 +1078,39 @@ _RULES: dict[type[Any], type[_Rule]] = {
 class _Binding:
     """What one reading of one ``(connection, tag)`` touches in one file."""
 
-    __slots__ = ("rules", "signals")
+    __slots__ = ("rules", "signals", "states")
 
     def __init__(self, signals: tuple[_Signal, ...], rules: tuple[_Rule, ...]) -> None:
         self.signals = signals
         self.rules = rules
+        self.states: tuple[tuple[str, Any], ...] = (
+            *((_signal_key(s.subject, s.name), s.st) for s in signals),
+            *((_event_key(r.subject, r.event_id), r.st) for r in rules),
+        )
+        """Persistence key -> state object of everything a reading here may change."""
+
+
+def _signal_key(subject: str, name: str) -> str:
+    return f"signal\t{subject}\t{name}"
+
+
+def _event_key(subject: str, event_id: str) -> str:
+    return f"event\t{subject}\t{event_id}"
+
+
+def _fingerprint(kind: str, *specs: Any) -> str:
+    """A short hash of a state's class and the definitions its meaning depends on."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{STATE_FORMAT}\t{kind}".encode())
+    for spec in specs:
+        if isinstance(spec, tuple):
+            for part in spec:
+                h.update(b"\x1e" + part.model_dump_json().encode())
+        elif spec is None:
+            h.update(b"\x1enull")
+        else:
+            h.update(b"\x1e" + spec.model_dump_json().encode())
+    return h.hexdigest()
 
 
 class Mapper:
@@ -1123,6 +1166,10 @@ class Mapper:
         self._rules: list[_Rule] = []
         self._signal_specs: dict[tuple[str, str], Any] = {}
         self._event_specs: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._dirty: set[_Binding] = set()
+        self._ticked = False
+        self._written: dict[str, bytes] = {}
+        self._fingerprints: dict[str, str] | None = None
         for file in self.files:
             self._add_file(file.spec)
 
@@ -1316,7 +1363,9 @@ class Mapper:
         if t is None:
             t = received
         good = quality != "bad"
+        dirty = self._dirty.add
         for binding in bound:
+            dirty(binding)
             for sig in binding.signals:  # update the state (inlined: the hot path)
                 st = sig.st
                 if not good:
@@ -1364,14 +1413,21 @@ class Mapper:
             before = old.signal_states.get(key)
             if before is not None and old._signal_specs.get(key) == self._signal_specs[key]:
                 _copy_state(before, state)
+                self._carry_written(old, _signal_key(*key))
                 carried += 1
         for key, tstate in self.trigger_states.items():
             previous = old.trigger_states.get(key)
             if (previous is not None and type(previous) is type(tstate)
                     and old._event_specs.get(key) == self._event_specs[key]):
                 _copy_state(previous, tstate)
+                self._carry_written(old, _event_key(*key))
                 carried += 1
         return carried
+
+    def _carry_written(self, old: Mapper, key: str) -> None:
+        blob = old._written.get(key)
+        if blob is not None:
+            self._written[key] = blob
 
     def tick(self, now: float) -> list[DomainEvent]:
         """The events the gateway's clock fires. Call it about once per second when
@@ -1400,7 +1456,92 @@ class Mapper:
         out: list[DomainEvent] = []
         for rule in self._timed:
             rule.tick(now, out)
+        self._ticked = bool(self._timed)
         return out
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def state_fingerprints(self) -> dict[str, str]:
+        """Persistence key -> fingerprint of every state of this mapper.
+
+        A fingerprint hashes the state's class, :data:`STATE_FORMAT` and the definitions the
+        state's meaning depends on (as :meth:`adopt_state` compares them): a saved state is
+        restored only into the same definition. Computed once, on first use.
+        """
+        if self._fingerprints is None:
+            fps: dict[str, str] = {}
+            for (subject, name), sig in self._signal_specs.items():
+                fps[_signal_key(subject, name)] = _fingerprint("SignalState", sig)
+            for (subject, event_id), (event, watched) in self._event_specs.items():
+                kind = type(self.trigger_states[(subject, event_id)]).__name__
+                fps[_event_key(subject, event_id)] = _fingerprint(kind, event, watched)
+            self._fingerprints = fps
+        return self._fingerprints
+
+    def _state_objects(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            _signal_key(subject, name): st for (subject, name), st in self.signal_states.items()
+        }
+        for (subject, event_id), tst in self.trigger_states.items():
+            out[_event_key(subject, event_id)] = tst
+        return out
+
+    def take_dirty_state(self) -> list[StateRecord]:
+        """The states changed since the last call, as records to persist (and forget them).
+
+        Every reading marks what it may have changed (its signals and the rules they fire),
+        every :meth:`tick` the clock-driven rules; a state whose JSON equals the one last taken
+        (or restored) is left out. The pipeline writes the records in the same buffer
+        transaction as the events of the same readings, so the saved state always matches the
+        buffered events and the acknowledged readings.
+        """
+        if not self._dirty and not self._ticked:
+            return []
+        changed: dict[str, Any] = {}
+        for binding in self._dirty:
+            changed.update(binding.states)
+        self._dirty.clear()
+        if self._ticked:
+            for rule in self._timed:
+                changed[_event_key(rule.subject, rule.event_id)] = rule.st
+            self._ticked = False
+        fps = self.state_fingerprints()
+        written = self._written
+        encode = _STATE_ENCODER.encode
+        out: list[StateRecord] = []
+        for key, st in changed.items():
+            blob = encode(st)
+            if written.get(key) != blob:
+                written[key] = blob
+                out.append((key, fps[key], blob))
+        return out
+
+    def restore_state(self, records: Sequence[StateRecord]) -> tuple[int, int]:
+        """Load persisted states (at start-up) where their definition is unchanged.
+
+        A record whose key this mapper does not have, whose fingerprint differs (the signal or
+        event was edited) or that does not decode starts fresh, as on a first start.
+
+        Returns:
+            (restored, discarded) counts.
+        """
+        fps = self.state_fingerprints()
+        states = self._state_objects()
+        restored = discarded = 0
+        for key, fingerprint, blob in records:
+            st = states.get(key)
+            if st is None or fps.get(key) != fingerprint:
+                discarded += 1
+                continue
+            try:
+                saved = msgspec.json.decode(blob, type=type(st))
+            except msgspec.MsgspecError:
+                discarded += 1
+                continue
+            _copy_state(saved, st)
+            self._written[key] = blob
+            restored += 1
+        return restored, discarded
 
     def _conversion_failed(self, sig: _Signal, reason: str) -> None:
         sig.st.quality, sig.st.reason = "bad", reason
