@@ -27,7 +27,7 @@ from gateway.app.health import HealthServer, sd_notify
 from gateway.app.pipeline import Pipeline
 from gateway.app.supervisor import State, Supervisor
 from gateway.buffer.disk import DiskBuffer
-from gateway.errors import ConfigError, Finding
+from gateway.errors import BufferError, ConfigError, Finding
 from gateway.mapping.engine import Mapper
 from gateway.mapping.loader import MappingFile, load_mappings
 from gateway.metrics import Metrics
@@ -38,6 +38,11 @@ from gateway.sources.mqtt import MqttConnectionConfig, MqttSource
 from gateway.trace import Recorder
 
 SHUTDOWN_FLUSH_S = 10.0
+MAINTENANCE_S = 5.0
+"""How often the buffer expires old events (``max_age_s``) and reports its drops."""
+STALL_S = 120.0
+"""Unhealthy (503, no watchdog ping) when Kafka is connected and the backlog has not moved for
+this long, or the pipeline holds deliveries it has not buffered for this long."""
 
 
 def build_sources(settings: GatewaySettings, mapper: Mapper, metrics: Metrics) -> list[Source]:
@@ -108,7 +113,8 @@ class Daemon:
         for source in self.sources:
             self._start_source(source)
         health = await self._start_health()
-        helpers = [asyncio.create_task(self._stats_loop()), asyncio.create_task(self._watchdog_loop())]
+        helpers = [asyncio.create_task(self._stats_loop()), asyncio.create_task(self._watchdog_loop()),
+                   asyncio.create_task(self._maintenance_loop())]
         sd_notify(f"READY=1\nSTATUS=forwarding; {len(self.sources)} source(s)")
         self._log.info("daemon.ready")
         stopper = asyncio.create_task(stop.wait())
@@ -203,20 +209,51 @@ class Daemon:
             return None
         return server
 
+    def problems(self) -> tuple[list[str], list[str]]:
+        """What is wrong now: (fatal, degraded) problem names.
+
+        Fatal (HTTP 503, no watchdog ping, so systemd restarts the service): a core task ended;
+        ``forwarding_stalled``: Kafka answers but the backlog has not moved for ``STALL_S``;
+        ``ingest_stalled``: deliveries wait in the pipeline and no batch finished for
+        ``STALL_S``. Degraded (HTTP 200: the buffer absorbs it, a restart would not help):
+        ``kafka_unreachable``, ``source_down``, ``buffer_full`` (events are being dropped),
+        ``buffer_failing`` (appends fail: disk full or I/O errors; acknowledgements are held).
+        """
+        now = time.time()
+        fatal: list[str] = []
+        degraded: list[str] = []
+        if not self._core or any(t.done() for t in self._core):
+            fatal.append("core_stopped")
+        last_ack = self.forwarder.last_ack_time or self.started
+        if (self.forwarder.connected and self.buffer.pending_events
+                and now - max(last_ack, self.started) > STALL_S):
+            fatal.append("forwarding_stalled")
+        if (self.pipeline.queued and self.pipeline.failing_since is None
+                and now - max(self.pipeline.last_batch_time or 0.0, self.started) > STALL_S):
+            fatal.append("ingest_stalled")
+        if not self.forwarder.connected:
+            degraded.append("kafka_unreachable")
+        if any(c.state != State.RUNNING for c in self.supervisor.components.values()):
+            degraded.append("source_down")
+        if self.buffer.full:
+            degraded.append("buffer_full")
+        if self.pipeline.failing_since is not None:
+            degraded.append("buffer_failing")
+        return fatal, degraded
+
     def status(self) -> tuple[bool, dict[str, Any]]:
-        """Health: core tasks alive = healthy; a source or Kafka down = degraded (still healthy,
-        the buffer absorbs it)."""
-        core_ok = bool(self._core) and not any(t.done() for t in self._core)
+        """Health: healthy unless :meth:`problems` finds a fatal one; ``degraded`` names what
+        the buffer absorbs (Kafka or a source away, the buffer full or failing)."""
+        fatal, degraded = self.problems()
         sources = {
             name: {"state": c.state.value, "since": c.since, "last_error": c.last_error,
                    "restarts": c.restarts}
             for name, c in self.supervisor.components.items()
         }
-        degraded = not self.forwarder.connected or any(
-            c.state != State.RUNNING for c in self.supervisor.components.values())
-        status = "down" if not core_ok else ("degraded" if degraded else "ok")
-        return core_ok, {
+        status = "down" if fatal else ("degraded" if degraded else "ok")
+        return not fatal, {
             "status": status,
+            "problems": fatal + degraded,
             "gateway_id": self.settings.gateway.id,
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
@@ -224,7 +261,8 @@ class Daemon:
             "kafka": {"connected": self.forwarder.connected,
                       "last_ack_time": self.forwarder.last_ack_time},
             "buffer": {"pending_events": self.buffer.pending_events,
-                       "pending_bytes": self.buffer.pending_bytes},
+                       "pending_bytes": self.buffer.pending_bytes,
+                       "full": self.buffer.full},
             "counters": self.metrics.snapshot(),
         }
 
@@ -244,6 +282,19 @@ class Daemon:
                      buffered=self.buffer.pending_events,
                      dropped_total=now.get("events_dropped_total", 0))
             last = now
+
+    async def _maintenance_loop(self) -> None:
+        """Expire events past ``buffer.max_age_s`` and, outside a buffer-full episode, report
+        what was dropped (``gateway.EventsDropped.v1``)."""
+        log = logs.get("buffer")
+        while True:
+            await asyncio.sleep(MAINTENANCE_S)
+            try:
+                await self.buffer.expire()
+                if not self.buffer.full:
+                    await self.buffer.report_drops(self.settings.gateway.id)
+            except BufferError as exc:  # disk full or I/O: the pipeline reports it too
+                log.warning("buffer.maintenance_failed", error=str(exc))
 
     async def _watchdog_loop(self) -> None:
         usec = os.environ.get("WATCHDOG_USEC")

@@ -57,12 +57,20 @@ class Pipeline:
         self.max_batch_events = max_batch_events
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue(queue_deliveries)
         self._log = logs.get("pipeline")
-        self._failing_since: float | None = None
+        self.failing_since: float | None = None
+        """When appends began to fail (disk full, I/O error); None while they succeed."""
         self.last_append_time: float | None = None
+        self.last_batch_time: float | None = None
+        """When the latest batch was done (buffered and acknowledged); None before the first."""
         self.recorder: Recorder | None = None
         """When set (``run --record``), every reading is appended to a trace before mapping."""
         metrics.gauge("pipeline_queued_deliveries", lambda: float(self._queue.qsize()),
                       "Deliveries received from sources and not yet buffered")
+
+    @property
+    def queued(self) -> int:
+        """Deliveries received and not yet taken into a batch."""
+        return self._queue.qsize()
 
     async def emit(self, delivery: Delivery) -> None:
         """The sources' hand-off; waits while the queue is full (backpressure)."""
@@ -133,6 +141,7 @@ class Pipeline:
                 except Exception:  # noqa: BLE001 - a broken upstream connection redelivers
                     self.metrics.inc("ack_errors_total")
                     self._log.warning("pipeline.ack_failed", exc_info=True)
+        self.last_batch_time = time.time()
 
     def _take_state(self) -> list[StateRecord]:
         take = getattr(self.mapper, "take_dirty_state", None)  # stand-in mappers may have none
@@ -203,17 +212,17 @@ class Pipeline:
                     return
                 continue
             except Exception as exc:  # noqa: BLE001 - disk full, I/O error: hold, ack nothing
-                if self._failing_since is None:
-                    self._failing_since = time.time()
+                if self.failing_since is None:
+                    self.failing_since = time.time()
                     self._log.error("pipeline.buffer_append_failed", error=str(exc),
                                     events=len(events), retry_in_s=delay)
                 self.metrics.inc("buffer_append_errors_total")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            if self._failing_since is not None:
+            if self.failing_since is not None:
                 self._log.info("pipeline.buffer_append_recovered",
-                               down_s=round(time.time() - self._failing_since, 1))
-                self._failing_since = None
+                               down_s=round(time.time() - self.failing_since, 1))
+                self.failing_since = None
             self.last_append_time = time.time()
             return

@@ -10,17 +10,27 @@ File layout (``BufferConfig.directory``)::
     buffer.lock                       flock()ed by the one process that owns the buffer
     buffer.sqlite3.corrupt-<UTC ts>   a database that could not be read, moved aside for a human
 
-Schema (format 1, marked by ``PRAGMA application_id`` = ``0x44475742`` and
-``PRAGMA user_version`` = 1)::
+Schema (format 2, marked by ``PRAGMA application_id`` = ``0x44475742`` and
+``PRAGMA user_version`` = 2; a format-1 file is upgraded in place at open, in one transaction:
+its events become ``normal`` priority with ``appended`` = the upgrade time)::
 
     CREATE TABLE events (
-        seq     INTEGER PRIMARY KEY AUTOINCREMENT,  -- delivery order; never reused
-        type    TEXT    NOT NULL,                   -- CloudEvent type (topic routing)
-        subject TEXT    NOT NULL,                   -- CloudEvent subject (the Kafka key)
-        size    INTEGER NOT NULL,                   -- len(body), what max_bytes counts
-        body    BLOB    NOT NULL                    -- DomainEvent.encode(): structured CloudEvent
+        seq      INTEGER PRIMARY KEY AUTOINCREMENT, -- delivery order; never reused
+        type     TEXT    NOT NULL,                  -- CloudEvent type (topic routing)
+        subject  TEXT    NOT NULL,                  -- CloudEvent subject (the Kafka key)
+        size     INTEGER NOT NULL,                  -- len(body), what max_bytes counts
+        body     BLOB    NOT NULL,                  -- DomainEvent.encode(): structured CloudEvent
+        priority INTEGER NOT NULL DEFAULT 1,        -- 0 low, 1 normal, 2 high (when full)
+        time     REAL,                              -- the event's time (for the drop report)
+        appended REAL                               -- when it was buffered (for max_age_s)
     )
-    CREATE TABLE mapper_state (                     -- added in place to format-1 files at open
+    CREATE INDEX events_by_priority ON events (priority, seq)
+    CREATE TABLE drops (                            -- the ledger: dropped, not yet reported
+        type TEXT, reason TEXT, priority INTEGER, count INTEGER,
+        first_time REAL, last_time REAL,            -- range of the dropped events' times
+        PRIMARY KEY (type, reason)
+    ) WITHOUT ROWID
+    CREATE TABLE mapper_state (
         key         TEXT PRIMARY KEY,               -- "signal\t<subject>\t<name>" / "event\t..."
         fingerprint TEXT NOT NULL,                  -- hash of the definition the state belongs to
         state       BLOB NOT NULL                   -- the mapping engine's state dataclass as JSON
@@ -38,8 +48,16 @@ Invariants:
   readings (``append(events, state)``): after a crash the saved state is exactly the state
   that produced the buffered events, so a restart neither re-counts a counter increment nor
   forgets a transition (see :meth:`gateway.mapping.engine.Mapper.take_dirty_state`).
-- An event leaves the buffer only by ``delete`` (the forwarder, after Kafka acknowledged it) or
-  by the ``when_full`` policy (counted in ``events_dropped_total``).
+- An event leaves the buffer only by ``delete`` (the forwarder, after Kafka acknowledged it),
+  by making room when full or by ``max_age_s``; every such drop is counted
+  (``events_dropped_total{reason}``) and written to the ``drops`` ledger in the same
+  transaction, so what was lost is known even across a crash. :meth:`DiskBuffer.report_drops`
+  turns the ledger into one ``gateway.EventsDropped.v1`` event (and clears it) atomically.
+- Making room: the lowest priority class goes first (``low``, then ``normal``, then ``high``;
+  ``BufferConfig.priorities`` maps event types to classes); within a class ``when_full``
+  decides: ``drop_oldest`` the oldest first (buffered, then the offered batch in order),
+  ``drop_newest`` the newest first (the offered batch from its end, then buffered). The
+  forwarder reads by ``seq`` only, so priorities never reorder what is sent.
 - ``pending_events`` / ``pending_bytes`` equal ``count(*)`` / ``sum(size)`` of the table: they
   are recovered by a scan at ``open`` and then updated in the same place that commits.
 - All SQLite work runs on one dedicated worker thread, in submission order; the event loop
@@ -77,6 +95,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import os
 import sqlite3
 import time
@@ -84,19 +103,26 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 from pydantic import Field
 
 from gateway import errors, logs
 from gateway.configbase import Strict
 from gateway.metrics import Metrics
-from gateway.model import DomainEvent
+from gateway.model import DomainEvent, event_id, representable, rfc3339
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory lock, the rest works
     fcntl = None  # type: ignore[assignment]
+
+
+Priority = Literal["low", "normal", "high"]
+PRIORITY_LEVELS: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
+PRIORITY_NAMES = {v: k for k, v in PRIORITY_LEVELS.items()}
+DROPPED_TYPE = "gateway.EventsDropped.v1"
+"""The report of what the buffer dropped (:meth:`DiskBuffer.report_drops`)."""
 
 
 class BufferConfig(Strict):
@@ -116,12 +142,35 @@ class BufferConfig(Strict):
     ``off`` leaves it to the OS."""
     max_batch_events: int = Field(default=2000, ge=1)
     """Most events written in one transaction (group commit)."""
+    priorities: dict[str, Priority] = Field(
+        default_factory=dict,
+        examples=[{"process.TemperatureStatistics.*": "low", "production.Status.v1": "low",
+                   "safety.*": "high"}])
+    """Event type (or a pattern, ``*`` = any characters) -> its class when the buffer is full:
+    ``low`` events are dropped first, then ``normal`` ones (every type not listed), ``high``
+    ones last; within a class ``when_full`` decides which go. An exact type wins over patterns,
+    then the first matching pattern. ``gateway.EventsDropped.v1`` is ``high`` unless listed."""
+    max_age_s: float | None = Field(default=None, gt=0, examples=[604_800])
+    """Drop events that waited longer than this for Kafka (reason ``expired``, counted and
+    reported like every drop); null (the default) keeps them until ``max_bytes`` forces a
+    choice."""
+
+    def priority_of(self, event_type: str) -> int:
+        """The class of an event type as a number: 0 low, 1 normal, 2 high."""
+        exact = self.priorities.get(event_type)
+        if exact is not None:
+            return PRIORITY_LEVELS[exact]
+        for pattern, level in self.priorities.items():
+            if "*" in pattern and fnmatch.fnmatchcase(event_type, pattern):
+                return PRIORITY_LEVELS[level]
+        return 2 if event_type == DROPPED_TYPE else 1
 
 
 FILE_NAME = "buffer.sqlite3"
 LOCK_NAME = "buffer.lock"
-FORMAT_VERSION = 1
-"""``PRAGMA user_version`` of the schema this code writes and reads."""
+FORMAT_VERSION = 2
+"""``PRAGMA user_version`` of the schema this code writes and reads (format 1 files, without
+priorities, times and the drop ledger, are upgraded in place at open)."""
 APPLICATION_ID = 0x44475742
 """``PRAGMA application_id`` marking a gateway buffer ("DGWB")."""
 
@@ -132,12 +181,41 @@ _FULL_CLEARED_RATIO = 0.9
 
 _SCHEMA = """
 CREATE TABLE events (
-    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
-    type    TEXT    NOT NULL,
-    subject TEXT    NOT NULL,
-    size    INTEGER NOT NULL,
-    body    BLOB    NOT NULL
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    type     TEXT    NOT NULL,
+    subject  TEXT    NOT NULL,
+    size     INTEGER NOT NULL,
+    body     BLOB    NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 1,
+    time     REAL,
+    appended REAL
 )
+"""
+_V2_INDEX = "CREATE INDEX IF NOT EXISTS events_by_priority ON events (priority, seq)"
+_LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS drops (
+    type       TEXT    NOT NULL,
+    reason     TEXT    NOT NULL,
+    priority   INTEGER NOT NULL,
+    count      INTEGER NOT NULL,
+    first_time REAL,
+    last_time  REAL,
+    PRIMARY KEY (type, reason)
+) WITHOUT ROWID
+"""
+_UPGRADE_1_TO_2 = (
+    "ALTER TABLE events ADD COLUMN priority INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE events ADD COLUMN time REAL",
+    "ALTER TABLE events ADD COLUMN appended REAL",
+)
+_LEDGER_ADD = """
+INSERT INTO drops (type, reason, priority, count, first_time, last_time) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (type, reason) DO UPDATE SET
+    count = count + excluded.count,
+    first_time = min(coalesce(first_time, excluded.first_time),
+                     coalesce(excluded.first_time, first_time)),
+    last_time = max(coalesce(last_time, excluded.last_time),
+                    coalesce(excluded.last_time, last_time))
 """
 _STATE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS mapper_state (
@@ -146,13 +224,18 @@ CREATE TABLE IF NOT EXISTS mapper_state (
     state       BLOB NOT NULL
 ) WITHOUT ROWID
 """
-_INSERT = "INSERT INTO events (type, subject, size, body) VALUES (?, ?, ?, ?)"
+_INSERT = ("INSERT INTO events (type, subject, size, body, priority, time, appended) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?)")
 _PUT_STATE = "INSERT OR REPLACE INTO mapper_state (key, fingerprint, state) VALUES (?, ?, ?)"
 _READ = "SELECT seq, type, subject, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
 
 T = TypeVar("T")
-Row = tuple[str, str, int, bytes]
-"""An event as inserted: type, subject, size, body."""
+Row = tuple[str, str, int, bytes, int, float, float]
+"""An event as inserted: type, subject, size, body, priority, event time, append time."""
+Dropped = tuple[str, int, float | None]
+"""A dropped event as the ledger counts it: type, priority, event time."""
+LedgerRow = tuple[str, str, int, int, float | None, float | None]
+"""A ledger line: type, reason, priority, count, first and last event time."""
 StateRow = tuple[str, str, bytes]
 """A mapping-engine state as stored: key, fingerprint, state (see ``mapper_state``)."""
 
@@ -171,8 +254,8 @@ class BufferedRecord:
 @dataclass(frozen=True, slots=True)
 class _Appended:
     stored: int
-    dropped_oldest: int
-    dropped_newest: int
+    dropped: int
+    reason: str
 
 
 class _Corrupt(errors.BufferError):
@@ -242,12 +325,19 @@ class _Store:
                 conn.execute(_SCHEMA)
                 conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
-        elif version != FORMAT_VERSION or "events" not in tables:
+        elif version not in (1, FORMAT_VERSION) or "events" not in tables:
             raise errors.BufferError(
                 f"{self.path}: unreadable buffer format {version} (tables: {sorted(tables)})")
-        if "mapper_state" not in tables:  # additive: older gateways ignore the table
+        elif version == 1:  # in place, in one transaction: priority normal, appended = now
             with self.transaction():
-                conn.execute(_STATE_SCHEMA)
+                for statement in _UPGRADE_1_TO_2:
+                    conn.execute(statement)
+                conn.execute("UPDATE events SET appended = ?", (time.time(),))
+                conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+        with self.transaction():  # idempotent; a crash before the first commit left none
+            conn.execute(_V2_INDEX)
+            conn.execute(_LEDGER_SCHEMA)
+            conn.execute(_STATE_SCHEMA)
 
     def _recover_counts(self, conn: sqlite3.Connection) -> None:
         count, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM events").fetchone()
@@ -281,49 +371,129 @@ class _Store:
     # -- operations ---------------------------------------------------------------------
 
     def append(self, rows: list[Row], max_bytes: int, when_full: str,
-               state: Sequence[StateRow] = ()) -> _Appended:
+               state: Sequence[StateRow] = (), refused: Sequence[Dropped] = ()) -> _Appended:
+        """Insert ``rows`` (making room per the policy), write ``state`` and count ``refused``
+        (events the caller could not store: too large) in the ledger, in one transaction."""
         incoming = sum(r[2] for r in rows)
-        dropped_new = dropped_old = 0
-        evict_bytes = self.pending_bytes + incoming - max_bytes
-        if evict_bytes > 0 and when_full == "drop_newest":
-            rows, dropped_new = _fitting_prefix(rows, max_bytes - self.pending_bytes)
-            incoming, evict_bytes = sum(r[2] for r in rows), 0
-        elif incoming > max_bytes:  # drop_oldest, and the batch alone is too big: keep its tail
-            rows, dropped_old = _fitting_tail(rows, max_bytes)
-            incoming = sum(r[2] for r in rows)
-            evict_bytes = self.pending_bytes + incoming - max_bytes
+        need = self.pending_bytes + incoming - max_bytes
+        reason = "buffer_full_oldest" if when_full == "drop_oldest" else "buffer_full_newest"
+        dropped: list[Dropped] = []
         evicted = (0, 0)
         with self.transaction() as conn:
-            if evict_bytes > 0:
-                evicted = self._evict_oldest(conn, evict_bytes)
+            if need > 0:
+                rows, evicted = self._make_room(conn, rows, need, when_full == "drop_oldest",
+                                                dropped)
+                incoming = sum(r[2] for r in rows)
             if rows:
                 conn.executemany(_INSERT, rows)
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             if state:
                 conn.executemany(_PUT_STATE, state)
+            if dropped:
+                _ledger_add(conn, dropped, reason)
+            if refused:
+                _ledger_add(conn, refused, "event_too_large")
         self.pending_events += len(rows) - evicted[0]
         self.pending_bytes += incoming - evicted[1]
         if rows:
             self.last_seq = int(last)
-        return _Appended(len(rows), dropped_old + evicted[0], dropped_new)
+        return _Appended(len(rows), len(dropped), reason)
 
-    def _evict_oldest(self, conn: sqlite3.Connection, need: int) -> tuple[int, int]:
-        """Delete the oldest rows until ``need`` bytes are free; returns (rows, bytes)."""
+    def _make_room(self, conn: sqlite3.Connection, rows: list[Row], need: int, oldest: bool,
+                   dropped: list[Dropped]) -> tuple[list[Row], tuple[int, int]]:
+        """Drop events until ``need`` bytes are free: the lowest priority first; within one,
+        the oldest (``oldest``) or the newest first, the offered ``rows`` being the newest.
+
+        Returns the rows still to insert and (count, bytes) of the buffered events deleted;
+        appends every dropped event to ``dropped``.
+        """
+        freed = count = size = 0
+        drop_rows: set[int] = set()
+        for level in (0, 1, 2):
+            offered = [i for i, r in enumerate(rows) if r[4] == level]
+            if not oldest:  # newest first: the offered rows, latest first, then the buffered
+                for i in reversed(offered):
+                    if freed >= need:
+                        break
+                    drop_rows.add(i)
+                    freed += rows[i][2]
+                    dropped.append((rows[i][0], level, rows[i][5]))
+            if freed < need:
+                n, b = self._evict(conn, level, need - freed, oldest, dropped)
+                count, size, freed = count + n, size + b, freed + b
+            if oldest:  # oldest first: the buffered above, then the offered rows in order
+                for i in offered:
+                    if freed >= need:
+                        break
+                    drop_rows.add(i)
+                    freed += rows[i][2]
+                    dropped.append((rows[i][0], level, rows[i][5]))
+            if freed >= need:
+                break
+        kept = [r for i, r in enumerate(rows) if i not in drop_rows] if drop_rows else rows
+        return kept, (count, size)
+
+    def _evict(self, conn: sqlite3.Connection, level: int, need: int, oldest: bool,
+               dropped: list[Dropped]) -> tuple[int, int]:
+        """Delete buffered events of one priority, oldest or newest first, until ``need``
+        bytes are free (or none is left); returns (count, bytes)."""
         freed = count = 0
         cutoff = None
-        oldest = conn.execute("SELECT seq, size FROM events ORDER BY seq")
+        order = "ASC" if oldest else "DESC"
+        cursor = conn.execute(
+            f"SELECT seq, size, type, time FROM events WHERE priority = ? ORDER BY seq {order}",
+            (level,))
         try:
-            for seq, size in oldest:
+            for seq, size, event_type, event_time in cursor:
                 freed += size
                 count += 1
                 cutoff = seq
+                dropped.append((event_type, level, event_time))
                 if freed >= need:
                     break
         finally:
-            oldest.close()  # no read statement left open across the DELETE
+            cursor.close()  # no read statement left open across the DELETE
         if cutoff is not None:
-            conn.execute("DELETE FROM events WHERE seq <= ?", (cutoff,))
+            op = "<=" if oldest else ">="
+            conn.execute(f"DELETE FROM events WHERE priority = ? AND seq {op} ?", (level, cutoff))
         return count, freed
+
+    def expire(self, before: float) -> int:
+        """Delete (and ledger) the events appended before ``before``; returns how many."""
+        rows = self._conn().execute(
+            "SELECT seq, size, type, priority, time FROM events WHERE appended < ? ORDER BY seq",
+            (before,)).fetchall()
+        if not rows:
+            return 0
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM events WHERE seq <= ? AND appended < ?",
+                         (rows[-1][0], before))
+            _ledger_add(conn, [(r[2], r[3], r[4]) for r in rows], "expired")
+        self.pending_events -= len(rows)
+        self.pending_bytes -= sum(r[1] for r in rows)
+        return len(rows)
+
+    def ledger(self) -> list[LedgerRow]:
+        return self._conn().execute(
+            "SELECT type, reason, priority, count, first_time, last_time FROM drops "
+            "ORDER BY type, reason").fetchall()
+
+    def report_drops(self, make: Callable[[list[LedgerRow]], Row]) -> int:
+        """Turn the ledger into one event (``make``) and clear it, in one transaction; the
+        event is appended like any other (it may itself have to make room). Returns the number
+        of dropped events reported (0: the ledger was empty, nothing appended)."""
+        lines = self.ledger()
+        if not lines:
+            return 0
+        row = make(lines)
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM drops")
+            conn.execute(_INSERT, row)
+            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        self.pending_events += 1
+        self.pending_bytes += row[2]
+        self.last_seq = int(last)
+        return sum(line[3] for line in lines)
 
     def read(self, after_seq: int, limit: int) -> list[BufferedRecord]:
         rows = self._conn().execute(_READ, (after_seq, limit)).fetchall()
@@ -356,24 +526,20 @@ class _Store:
         return count
 
 
-def _fitting_prefix(rows: list[Row], room: int) -> tuple[list[Row], int]:
-    """The longest prefix of ``rows`` within ``room`` bytes, and how many rows were left out."""
-    used = 0
-    for i, row in enumerate(rows):
-        used += row[2]
-        if used > room:
-            return rows[:i], len(rows) - i
-    return rows, 0
-
-
-def _fitting_tail(rows: list[Row], room: int) -> tuple[list[Row], int]:
-    """The longest suffix of ``rows`` within ``room`` bytes, and how many rows were left out."""
-    used = 0
-    for i in range(len(rows) - 1, -1, -1):
-        used += rows[i][2]
-        if used > room:
-            return rows[i + 1:], i + 1
-    return rows, 0
+def _ledger_add(conn: sqlite3.Connection, dropped: Sequence[Dropped], reason: str) -> None:
+    """Count dropped events per type in the ``drops`` ledger (same transaction as the drop)."""
+    per_type: dict[str, list[Any]] = {}
+    for event_type, level, event_time in dropped:
+        line = per_type.get(event_type)
+        if line is None:
+            per_type[event_type] = [level, 1, event_time, event_time]
+            continue
+        line[1] += 1
+        if event_time is not None:
+            line[2] = event_time if line[2] is None else min(line[2], event_time)
+            line[3] = event_time if line[3] is None else max(line[3], event_time)
+    conn.executemany(_LEDGER_ADD, [(t, reason, level, n, lo, hi)
+                                   for t, (level, n, lo, hi) in per_type.items()])
 
 
 def _runs(seqs: Sequence[int]) -> list[tuple[int, int]]:
@@ -385,6 +551,31 @@ def _runs(seqs: Sequence[int]) -> list[tuple[int, int]]:
         else:
             out.append((seq, seq))
     return out
+
+
+def dropped_report(gateway_id: str, lines: Sequence[LedgerRow], now: float) -> DomainEvent:
+    """The ``gateway.EventsDropped.v1`` event for ledger ``lines`` (see
+    :meth:`DiskBuffer.report_drops`); its id is a hash of the gateway, the lines and ``now``."""
+    dropped = [{"type": t, "reason": reason, "priority": PRIORITY_NAMES.get(level, str(level)),
+                "count": n, "first_time": _iso(lo), "last_time": _iso(hi)}
+               for t, reason, level, n, lo, hi in lines]
+    times = [x for line in lines for x in (line[4], line[5]) if x is not None]
+    data = {"count": sum(line[3] for line in lines), "dropped": dropped,
+            "first_time": _iso(min(times)) if times else None,
+            "last_time": _iso(max(times)) if times else None}
+    return DomainEvent(
+        id=event_id(gateway_id, f"gateways/{gateway_id}", "events_dropped", now, "",
+                    [list(line) for line in lines]),
+        source=f"/gateways/{gateway_id}",
+        type=DROPPED_TYPE,
+        subject=f"gateways/{gateway_id}",
+        time=now,
+        data=data,
+    )
+
+
+def _iso(t: float | None) -> str | None:
+    return rfc3339(t) if t is not None and representable(t) else None
 
 
 class DiskBuffer:
@@ -408,6 +599,12 @@ class DiskBuffer:
         self._appended = asyncio.Event()
         self._full_since: float | None = None
         self._full_dropped = 0
+        self._priority: dict[str, int] = {}
+        self._unreported = True
+        """Whether the ledger may hold drops not yet reported (a restart left some, or a drop
+        since the last report); ``_drop_gen`` counts drops so a report cannot clear the flag of
+        a drop that happened while it ran."""
+        self._drop_gen = 0
         metrics.gauge("buffer_pending_events", lambda: float(self.pending_events),
                       "Events in the disk buffer not yet acknowledged by Kafka")
         metrics.gauge("buffer_pending_bytes", lambda: float(self.pending_bytes),
@@ -496,22 +693,32 @@ class DiskBuffer:
         """Store ``events`` (and the mapping state ``state`` that produced them) in one
         transaction, durable per ``sync`` when this returns.
 
-        When the events do not fit in ``max_bytes`` the ``when_full`` policy drops (and counts)
-        the oldest buffered or the newest offered events; nothing here waits for space.
+        When the events do not fit in ``max_bytes``, events are dropped (counted, logged and
+        written to the drop ledger) by priority class, then by the ``when_full`` policy: the
+        oldest buffered or the newest offered first; nothing here waits for space.
         """
         rows: list[Row] = []
+        refused: list[Dropped] = []
         limit = self._config.max_bytes
+        now = time.time()
+        priority = self._priority
         for event in events:
             body = event.encode()
+            level = priority.get(event.type)
+            if level is None:
+                level = priority[event.type] = self._config.priority_of(event.type)
             if len(body) > limit:
                 self._drop_too_large(event, len(body))
+                refused.append((event.type, level, event.time))
                 continue
-            rows.append((event.type, event.subject, len(body), body))
-        if rows or state:
-            await self._call(self._append_rows, rows, state)
+            rows.append((event.type, event.subject, len(body), body, level, event.time, now))
+        if rows or state or refused:
+            await self._call(self._append_rows, rows, state, refused)
 
-    def _append_rows(self, rows: list[Row], state: Sequence[StateRow]) -> None:
-        result = self._store.append(rows, self._config.max_bytes, self._config.when_full, state)
+    def _append_rows(self, rows: list[Row], state: Sequence[StateRow],
+                     refused: Sequence[Dropped]) -> None:
+        result = self._store.append(rows, self._config.max_bytes, self._config.when_full, state,
+                                    refused)
         # Scheduled before the awaiting coroutine resumes, and even if it was cancelled.
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._appended_done, result)
@@ -520,15 +727,11 @@ class DiskBuffer:
         if result.stored:
             self._metrics.inc("buffer_appended_total", result.stored)
             self._appended.set()
-        if result.dropped_oldest:
-            self._metrics.inc("events_dropped_total", result.dropped_oldest,
-                              reason="buffer_full_oldest")
-        if result.dropped_newest:
-            self._metrics.inc("events_dropped_total", result.dropped_newest,
-                              reason="buffer_full_newest")
-        dropped = result.dropped_oldest + result.dropped_newest
-        if dropped:
-            self._note_full(dropped)
+        if result.dropped:
+            self._metrics.inc("events_dropped_total", result.dropped, reason=result.reason)
+            self._note_full(result.dropped)
+            self._unreported = True
+            self._drop_gen += 1
 
     def _note_full(self, dropped: int) -> None:
         if self._full_since is None:
@@ -540,6 +743,8 @@ class DiskBuffer:
         self._full_dropped += dropped
 
     def _drop_too_large(self, event: DomainEvent, size: int) -> None:
+        self._unreported = True
+        self._drop_gen += 1
         self._metrics.inc("events_dropped_total", reason="event_too_large")
         self._log.warning("buffer.event_too_large", id=event.id, type=event.type,
                           subject=event.subject, size=size, max_bytes=self._config.max_bytes)
@@ -547,6 +752,58 @@ class DiskBuffer:
     async def read(self, after_seq: int, limit: int) -> list[BufferedRecord]:
         """Up to ``limit`` records with ``seq > after_seq``, oldest first."""
         return await self._call(self._store.read, after_seq, limit)
+
+    async def expire(self, max_age_s: float | None = None) -> int:
+        """Drop the events older than ``max_age_s`` (default: the configured ``max_age_s``;
+        nothing when neither is set), counting them (reason ``expired``) in the metrics and
+        the ledger; returns how many."""
+        age = max_age_s if max_age_s is not None else self._config.max_age_s
+        if age is None:
+            return 0
+        expired = await self._call(self._store.expire, time.time() - age)
+        if expired:
+            self._unreported = True
+            self._drop_gen += 1
+            self._metrics.inc("events_dropped_total", expired, reason="expired")
+            self._log.warning("buffer.expired", dropped=expired, max_age_s=age)
+        return expired
+
+    async def ledger(self) -> list[LedgerRow]:
+        """What was dropped and not yet reported: (type, reason, priority, count, first and
+        last event time) per type and reason."""
+        return await self._call(self._store.ledger)
+
+    async def report_drops(self, gateway_id: str) -> int:
+        """Append one ``gateway.EventsDropped.v1`` event telling the platform what the buffer
+        dropped since the last report (per type and reason: how many, their priority and the
+        range of their event times) and clear the ledger, atomically. It is forwarded like any
+        event, after the backlog, so it arrives once the link is back. Returns the number of
+        dropped events reported (0: nothing to report, nothing appended)."""
+        if not self._unreported:
+            return 0
+        now = time.time()
+
+        def make(lines: list[LedgerRow]) -> Row:
+            event = dropped_report(gateway_id, lines, now)
+            body = event.encode()
+            return (event.type, event.subject, len(body), body,
+                    self._config.priority_of(event.type), event.time, now)
+
+        gen = self._drop_gen
+        reported = await self._call(self._store.report_drops, make)
+        if gen == self._drop_gen:
+            self._unreported = False
+        if reported:
+            self._metrics.inc("buffer_appended_total")
+            self._metrics.inc("drop_reports_total")
+            self._appended.set()
+            self._log.info("buffer.drops_reported", dropped=reported)
+        return reported
+
+    @property
+    def full(self) -> bool:
+        """Whether a buffer-full episode is going on (drops since it last had room)."""
+        return self._full_since is not None
 
     async def load_state(self) -> list[StateRow]:
         """Every saved mapping-engine state (start-up)."""
