@@ -780,29 +780,31 @@ def _check_attribute(
 
 
 def _lint_across(loaded: Sequence[_Loaded]) -> list[Finding]:
+    # Positions are looked up only for a finding: on valid files that would cost a parse
+    # with marks (see gateway.yamlfile).
     out: list[Finding] = []
-    subjects: dict[str, str] = {}
-    addresses: dict[tuple[str, str], tuple[str, spec.Address]] = {}
+    subjects: dict[str, yamlfile.Located] = {}
+    addresses: dict[tuple[str, str], tuple[yamlfile.Located, str, spec.Address]] = {}
     for one in loaded:
         subject = one.file.subject
-        here = _where(one.located, ["asset", "subject"], value=True)
         if subject in subjects:
+            first = _where(subjects[subject], ["asset", "subject"], value=True)
             out.append(
                 one.located.finding(
                     ["asset", "subject"],
-                    f"subject '{subject}' is already mapped by {subjects[subject]}; "
+                    f"subject '{subject}' is already mapped by {first}; "
                     f"one asset, one mapping file (merge the files or fix a subject)",
                     at_value=True,
                 )
             )
         else:
-            subjects[subject] = here
+            subjects[subject] = one.located
         out += _address_conflicts(one, addresses)
     return out
 
 
 def _address_conflicts(
-    one: _Loaded, seen: dict[tuple[str, str], tuple[str, spec.Address]]
+    one: _Loaded, seen: dict[tuple[str, str], tuple[yamlfile.Located, str, spec.Address]]
 ) -> list[Finding]:
     """One address, one way to read it: the same tag with other settings is a conflict."""
     out: list[Finding] = []
@@ -811,10 +813,12 @@ def _address_conflicts(
         key = (signal.connection, address.tag)
         path: list[str | int] = ["signals", name, signal.protocol]
         if key not in seen:
-            seen[key] = (_where(one.located, path) + f" signals.{name}", address)
+            seen[key] = (one.located, name, address)
             continue
-        first_where, first = seen[key]
+        first_located, first_name, first = seen[key]
         if first != address:
+            first_where = (_where(first_located, ["signals", first_name, signal.protocol])
+                           + f" signals.{first_name}")
             mine, theirs = address.model_dump(), first.model_dump()
             differ = ", ".join(k for k in mine if mine[k] != theirs[k])
             out.append(
