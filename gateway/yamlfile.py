@@ -10,8 +10,8 @@ thousand files would wait a minute at every start and reload), and the marks are
 when something is wrong. So :func:`load` first parses with PyYAML's libyaml (C) parser under
 YAML 1.2 core-schema rules (ruamel's: ``on``/``yes`` are strings, ``010`` is ten), building
 plain data itself; anything it does not handle plainly (a duplicate key, a merge key, a custom
-tag, a timestamp, an integer with a base prefix, a leading zero or an underscore, a syntax
-error) goes to ruamel, whose result and errors are authoritative. On the fast path the ruamel
+tag, a timestamp, an integer with a base prefix, a leading zero or an underscore, a tab, a
+syntax error) goes to ruamel, whose result and errors are authoritative. On the fast path the ruamel
 parse for the marks happens only when a finding needs a position. A test checks both paths
 give the same data for every shipped file and for generated YAML.
 """
@@ -183,7 +183,7 @@ except ImportError:  # pragma: no cover - PyYAML is a dependency; ruamel alone s
 def fast_load(text: str) -> Any:
     """Plain data of a single-document YAML ``text`` by the fast path, or :class:`_NotPlain`
     when ruamel must decide (see the module docstring)."""
-    if _pyyaml is None:
+    if _pyyaml is None or "\t" in text:  # libyaml takes tabs where ruamel refuses them
         raise _NotPlain
     try:
         node = _pyyaml.compose(text, Loader=_FastLoader)
@@ -196,15 +196,17 @@ def _construct(node: Any) -> Any:
     tag = node.tag
     if tag == _TAG + "map":
         out: dict[str, Any] = {}
+        raw_keys: set[Any] = set()
         for key_node, value_node in node.value:
             if key_node.tag == _TAG + "merge":
                 raise _NotPlain
-            key = _construct(key_node)
-            if isinstance(key, (dict, list)):
+            raw = _construct(key_node)
+            if isinstance(raw, (dict, list)):
                 raise _NotPlain
-            key = key if isinstance(key, str) else str(key)
-            if key in out:
+            key = raw if isinstance(raw, str) else str(raw)
+            if key in out or raw in raw_keys:  # 1 and true are one key to ruamel
                 raise _NotPlain  # a duplicate key: ruamel reports it, located
+            raw_keys.add(raw)
             out[key] = _construct(value_node)
         return out
     if tag == _TAG + "seq":
