@@ -128,8 +128,8 @@ def test_topic_template_placeholders() -> None:
 def test_config_refuses_unknown_placeholders_and_small_requests() -> None:
     with pytest.raises(ValidationError, match="unknown placeholder"):
         KafkaConfig(topic_template="x.{typ}")
-    with pytest.raises(ValidationError, match="max_request_bytes"):
-        KafkaConfig(max_batch_bytes=500_000, max_request_bytes=100_000)
+    with pytest.raises(ValidationError, match="max_record_bytes"):
+        KafkaConfig(max_batch_bytes=500_000, max_record_bytes=100_000)
 
 
 def test_binary_message_matches_the_generic_encoding() -> None:
@@ -182,7 +182,8 @@ def test_settle_isolates_permanent_rejections(tmp_path: Path) -> None:
     assert out.done == [3] and out.probe_until == 2 and out.resume_after == 0
 
     out = fwd._settle([fake_batch(0, 1), fake_batch(0, 2)], [MessageSizeTooLargeError(), ok], 2)
-    assert out.done == [1, 2] and [s for s, _ in out.rejected] == [1]
+    assert out.done == [2]  # 1 is deleted once its dead-letter record is acknowledged
+    assert [s for s, _ in out.rejected] == [1] and out.error is None
 
 
 def test_build_sends_suspects_one_record_per_batch(tmp_path: Path) -> None:
@@ -324,22 +325,28 @@ async def test_the_cloudevents_sdk_reads_our_records(
 
 
 @pytest.mark.integration
-async def test_records_kafka_can_never_take_are_dropped_and_the_rest_flows(
+async def test_records_kafka_can_never_take_are_dead_lettered_and_the_rest_flows(
         kafka_bootstrap: str, topic_prefix: str, buffer: DiskBuffer) -> None:
     metrics = Metrics()
     await buffer.append([event(1), event(2, pad="x" * 10_000), event(3, type_="bad type.X.v1"),
                          event(4)])
     config = kafka_config(kafka_bootstrap, topic_prefix, max_batch_bytes=1024,
-                          max_request_bytes=4096)
+                          max_record_bytes=4096)
     with capture_logs() as logs:
         async with running(KafkaForwarder(config, buffer, "gw1", metrics)):
             await until(lambda: buffer.pending_events == 0)
     records = await support.consume(kafka_bootstrap, [f"{topic_prefix}.{TYPE}"], expect=2,
                                     quiet_s=1.0)
     assert [json.loads(r.value)["n"] for r in records] == [1, 4]
-    assert metrics.value("events_dropped_total", reason="kafka_rejected") == 2
-    rejected = [e for e in logs if e["event"] == "kafka.rejected"]
-    assert len(rejected) == 2 and all(e["id"] and e["type"] for e in rejected)
+    letters = await support.consume(kafka_bootstrap, [f"{topic_prefix}.gateway.DeadLetter.v1"],
+                                    expect=2, quiet_s=1.0)
+    assert sorted(json.loads(r.value)["reason"] for r in letters) == ["invalid_topic", "too_large"]
+    assert metrics.value("events_dead_lettered_total", reason="too_large") == 1
+    assert metrics.value("events_dead_lettered_total", reason="invalid_topic") == 1
+    assert metrics.total("events_dropped_total") == 0
+    assert metrics.value("events_forwarded_total") == 2
+    dead = [e for e in logs if e["event"] == "kafka.dead_lettered"]
+    assert len(dead) == 2 and all(e["id"] and e["type"] for e in dead)
 
 
 @pytest.mark.integration

@@ -3,11 +3,12 @@
 Design
 ------
 
-The forwarder is the buffer's only reader. It loops: read up to ``max_in_flight_events``
-records after a cursor, turn them into Kafka records (the CloudEvents Kafka protocol binding),
-hand them to the producer as whole record batches, await every batch's acknowledgement, delete
-the acknowledged seqs from the buffer, advance. With nothing to read it awaits the buffer's
-"appended" signal (no polling).
+The forwarder is the buffer's only reader. It loops in rounds: read up to
+``max_in_flight_events`` records (and ``max_in_flight_bytes`` of them) after a cursor, turn them
+into Kafka records (the CloudEvents Kafka protocol binding), hand them to the producer as whole
+record batches, await every batch's acknowledgement, dead-letter what Kafka can never take,
+delete the acknowledged and dead-lettered seqs from the buffer, advance. With nothing to read it
+awaits the buffer's "appended" signal (no polling).
 
 Binding (CloudEvents 1.0 Kafka protocol binding):
 
@@ -25,30 +26,63 @@ Binding (CloudEvents 1.0 Kafka protocol binding):
 Invariants:
 
 - At-least-once: a record is deleted from the buffer only after Kafka acknowledged it (per
-  ``acks``), or after Kafka rejected it permanently (counted, logged, dropped). A crash or an
-  outage between send and delete re-sends it, with the same CloudEvent ``id``; consumers
-  deduplicate on ``source`` + ``id``.
+  ``acks``; ``all`` by default), or after the dead-letter record that stands in for it was
+  acknowledged (or refused for good, below). A crash or an outage between send and delete
+  re-sends it, with the same CloudEvent ``id``; consumers deduplicate on ``source`` + ``id``.
+  Nothing is counted as delivered (``events_forwarded_total``, ``delivered``) before Kafka
+  acknowledged it.
 - Per-key order: records are partitioned here (aiokafka's murmur2 partitioner, as the Java
   client), batched per partition in seq order, and aiokafka keeps one request in flight per
   partition. When a batch fails, the partition's later records are not deleted even if they were
   acknowledged: the whole tail from the first failure is re-sent in order, so the last record a
   consumer sees for a key is the newest event (duplicates allowed, reordering not).
-- A permanently rejected record (too large, invalid topic name, broker-side
-  ``MessageSizeTooLarge``/``InvalidTopic``/...) never blocks the queue: a rejected multi-record
-  batch is re-sent one record per batch to find the culprit, which is then dropped
-  (``events_dropped_total{reason="kafka_rejected"}``) and logged with its id and type.
+- Dead letters: an event Kafka can never take never blocks the queue nor is retried forever.
+  Found here: larger than ``max_record_bytes`` (reason ``too_large``, no round trip: the size
+  is ``len`` of body and key, computed exactly only near the limit), a topic name the template
+  makes illegal (``invalid_topic``), a body that is not a CloudEvent (``invalid_record``).
+  Found by the broker (``MessageSizeTooLarge``, ``RecordListTooLarge``, ``RecordTooLarge`` ->
+  ``too_large``; ``InvalidTopic`` -> ``invalid_topic``; ``CorruptRecord``,
+  ``InvalidTimestamp``, ``UnsupportedForMessageFormat`` -> ``invalid_record``): a rejected
+  multi-record batch is re-sent one record per batch to find the culprit. Each such event is
+  replaced by a dead-letter record, a CloudEvent of type ``gateway.DeadLetter.v1`` on
+  ``dead_letter_topic`` (default: ``topic_template`` applied to that type), key = the event's
+  subject, with the same subject, source and time, id = the event's id + ``-dead-letter``,
+  and as data the reason, the Kafka error's name and message, the intended topic, the
+  gateway id, the body's size and the event's id, type, subject, source and time, never its
+  data. The event is deleted once that record is acknowledged, counted
+  (``events_dead_lettered_total{reason}``) and logged (``kafka.dead_lettered``); a retriable
+  failure keeps it buffered. A dead-letter record refused for good is not dead-lettered in
+  turn: counted (``events_dropped_total{reason="dead_letter_refused"}``), logged
+  (``kafka.dead_letter_refused``) and dropped. Either way the whole event is appended as one
+  JSON line to ``deadletter.jsonl`` in the buffer's directory, which is capped at
+  ``dead_letter_file_max_bytes`` (then renamed ``deadletter.jsonl.1``, replacing the older).
+- Bounded memory: one round at a time is in the producer (at most ``max_in_flight_events``
+  events and ``max_in_flight_bytes`` of buffered bodies, or one larger event), and the read
+  that feeds a round is sized from the average event size just read.
 - An outage never raises out of :meth:`KafkaForwarder.run`: it closes the producer (failing
   whatever it still holds, so a late delivery by the old producer cannot overtake the re-send),
   backs off exponentially (``retry_min_s`` .. ``retry_max_s``, with jitter), creates a fresh
-  producer and re-reads from the oldest buffered record. ``kafka.unreachable`` is logged once
-  per outage and ``kafka.connected`` once when Kafka is back. aiokafka errors become
-  :class:`~gateway.errors.SinkUnavailable` where they enter this module.
+  producer and re-reads from the oldest buffered record. A round not acknowledged within two
+  ``request_timeout_ms`` counts as an outage too (aiokafka's idempotent producer retries a lost
+  connection forever). ``kafka.unreachable`` is logged once per outage and ``kafka.connected``
+  once when Kafka is back. aiokafka errors become :class:`~gateway.errors.SinkUnavailable`
+  where they enter this module.
 - ``connected`` is true once Kafka acknowledged a batch or, with nothing to send, answered; an
   idle forwarder asks for metadata every ``IDLE_CHECK_S`` so health does not report a Kafka
   that went away at night as connected.
 - ``drain`` (shutdown) forwards until the buffer reads empty or its deadline; on the deadline
   in-flight batches are abandoned (they stay buffered) and it returns, it never raises.
 - Only a broken buffer (``BufferError``) ends ``run``: that is the daemon's to handle.
+
+Producer: ``acks`` (``all`` by default), the idempotent producer (``enable_idempotence``, on by
+default; it needs ``acks: all``; off for the Tansu test broker, which refuses it),
+``compression``, TLS (``security_protocol`` ``SSL``/``SASL_SSL``, ``ssl_cafile``) and SASL
+(``PLAIN``, ``SCRAM-SHA-256``, ``SCRAM-SHA-512``) come from :class:`KafkaConfig`. Leader and
+metadata changes are aiokafka's: a ``NotLeaderForPartition`` or a lost connection refreshes the
+metadata and retries the batch (until it expires after ``request_timeout_ms``; the idempotent
+producer until the round's deadline above); partitions are looked up each round, so a topic
+that gained partitions is used after the next metadata refresh; what still fails is re-sent
+from the buffer as above.
 
 Throughput: records are appended straight into aiokafka ``BatchBuilder`` objects and submitted
 with ``send_batch`` (one future per batch, not per record); partitions are computed once per
@@ -63,13 +97,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
+import os
 import random
 import re
 import string
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -88,6 +125,7 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway import logs
@@ -95,7 +133,7 @@ from gateway.buffer.disk import BufferedRecord, DiskBuffer
 from gateway.configbase import Strict
 from gateway.errors import SinkUnavailable
 from gateway.metrics import Metrics
-from gateway.model import JSON, decode_envelope, encode_json
+from gateway.model import JSON, SPECVERSION, decode_envelope, encode_json, rfc3339
 
 
 class KafkaConfig(Strict):
@@ -126,9 +164,17 @@ class KafkaConfig(Strict):
     compression: Literal["none", "gzip", "lz4", "zstd"] = "zstd"
     """Batch compression; zstd is as cheap as none on the measured machine."""
     request_timeout_ms: int = Field(default=30_000, ge=1000)
-    """How long one produce request may take before it is retried."""
+    """How long one produce request may take before it is retried. Batches not acknowledged
+    within twice this count as failed: the forwarder reconnects and re-sends them from the
+    buffer (the idempotent producer would otherwise retry a lost connection forever)."""
     max_in_flight_events: int = Field(default=10_000, ge=1)
-    """Events read from the buffer and sent but not yet acknowledged."""
+    """Most events in one round: read from the buffer, handed to the producer and not yet
+    acknowledged. The forwarder awaits a whole round before it reads the next one."""
+    max_in_flight_bytes: int = Field(default=16_777_216, ge=1024)
+    """Most buffered event bytes in one round (a round holds at least one event, however
+    large). With ``max_in_flight_events`` this bounds the producer's memory: aiokafka never holds
+    more than one round, about this many bytes plus one larger event. The next read from the
+    buffer is sized from the events just read, so it stays near this bound too."""
     retry_min_s: float = Field(default=0.5, gt=0)
     """First delay after Kafka failed; doubles up to ``retry_max_s``."""
     retry_max_s: float = Field(default=30.0, gt=0)
@@ -145,10 +191,23 @@ class KafkaConfig(Strict):
     """SASL password; from the environment or a credentials file."""
     ssl_cafile: str | None = None
     """CA bundle for SSL."""
-    max_request_bytes: int = Field(default=1_048_576, ge=1024)
-    """Largest produce request (aiokafka ``max_request_size``); keep it at or below the
-    brokers' ``message.max.bytes``. An event whose record alone is larger is dropped (counted as
-    ``kafka_rejected``) instead of blocking the queue."""
+    max_record_bytes: int = Field(default=1_048_576, ge=1024)
+    """Largest Kafka record sent: its size as a batch of one, before compression (aiokafka's
+    upper-bound estimate; also aiokafka's ``max_request_size``). Keep it at or below the topics'
+    ``max.message.bytes`` (brokers' ``message.max.bytes``, 1048588 by default). A larger event
+    is not sent: it goes to the dead-letter path with reason ``too_large``."""
+    dead_letter_topic: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,249}$",
+                                          examples=["digispine.gateway.DeadLetter.v1"])
+    """Topic of the dead-letter records (type ``gateway.DeadLetter.v1``) that stand in for events
+    Kafka can never take (too large, illegal topic, refused by the broker for good); default:
+    ``topic_template`` applied to that type, ``digispine.gateway.DeadLetter.v1`` with the default
+    template. A dead-letter record carries the event's attributes, size and the reason, never
+    its data."""
+    dead_letter_file_max_bytes: int = Field(default=67_108_864, ge=0)
+    """Cap of ``deadletter.jsonl`` in the buffer directory, which keeps each dead-lettered
+    event whole (one JSON line with the reason); when the next line would pass the cap the file
+    becomes ``deadletter.jsonl.1`` (replacing the previous one), so both take at most twice this.
+    A line larger than the cap is written without the event. 0: no file."""
 
     @field_validator("topic_template")
     @classmethod
@@ -159,12 +218,25 @@ class KafkaConfig(Strict):
             raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {list(_TOPIC_FIELDS)}")
         return value
 
+    @field_validator("dead_letter_topic")
+    @classmethod
+    def _not_dots(cls, value: str | None) -> str | None:
+        if value in (".", ".."):
+            raise ValueError("'.' and '..' are not topic names")
+        return value
+
     @model_validator(mode="after")
-    def _request_holds_a_batch(self) -> KafkaConfig:
-        if self.max_request_bytes < self.max_batch_bytes:
-            raise ValueError("max_request_bytes must be at least max_batch_bytes")
+    def _consistent(self) -> KafkaConfig:
+        if self.max_record_bytes < self.max_batch_bytes:
+            raise ValueError("max_record_bytes must be at least max_batch_bytes")
         if self.retry_max_s < self.retry_min_s:
             raise ValueError("retry_max_s must be at least retry_min_s")
+        if self.enable_idempotence and self.acks != "all":
+            raise ValueError("enable_idempotence needs acks: all (or enable_idempotence: false)")
+        if self.security_protocol.startswith("SASL") and (
+                self.sasl_username is None or self.sasl_password is None):
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username "
+                             "and sasl_password")
         return self
 
 
@@ -177,9 +249,26 @@ _PERMANENT: tuple[type[BaseException], ...] = (
     CorruptRecordException, InvalidTimestampError, UnsupportedForMessageFormatError,
 )
 """Broker answers that re-sending the same record cannot change."""
-_RECORD_OVERHEAD = 96
-"""Generous per-record framing estimate (batch header share, varints, header names)."""
+_REASONS: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
+    ((MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError), "too_large"),
+    ((InvalidTopicError,), "invalid_topic"),
+)
+"""The ``reason`` of a permanent broker rejection; any other is ``invalid_record``."""
+_SIZE_SLACK = 1024
+"""A record's exact size is computed only when its buffered body and key come this close to
+``max_record_bytes``: the binary encoding is at most the body plus a few bytes per attribute,
+and the batch framing (82 bytes) and the length varints fit well within this."""
+DEAD_LETTER_TYPE = "gateway.DeadLetter.v1"
+"""CloudEvent type of the record that stands in for an event Kafka can never take."""
+DEAD_LETTER_ID_SUFFIX = "-dead-letter"
+"""Appended to the original event's id to make its dead-letter record's id."""
+DEAD_LETTER_FILE = "deadletter.jsonl"
+"""The local dead-letter file, in the buffer's directory."""
+_MESSAGE_MAX = 1000
+"""Longest error message copied into a dead-letter record."""
 _CLOSE_TIMEOUT_S = 5.0
+_ROUND_TIMEOUTS = 2
+"""A round not acknowledged within this many ``request_timeout_ms`` fails and is re-sent."""
 IDLE_CHECK_S = 15.0
 """With nothing to send for this long, the forwarder checks that Kafka still answers."""
 _PARTITION_CACHE_MAX = 100_000
@@ -298,7 +387,7 @@ class _Outcome:
     """What became of one round of records."""
 
     done: list[int] = field(default_factory=list)
-    """Seqs to delete: acknowledged (and not behind a failure) or dropped."""
+    """Seqs to delete: acknowledged (and not behind a failure) or dead-lettered."""
     acked: int = 0
     failed_batches: int = 0
     error: BaseException | None = None
@@ -308,13 +397,66 @@ class _Outcome:
     probe_until: int = 0
     """Seqs up to this one go out one record per batch (isolating a permanent rejection)."""
     rejected: list[tuple[int, BaseException]] = field(default_factory=list)
-    """Single records the broker refused for good (dropped; in ``done``)."""
+    """Single records the broker refused for good (not in ``done`` until dead-lettered)."""
+
+
+@dataclass(slots=True)
+class _Rejection:
+    """An event Kafka can never take, on its way to the dead-letter path."""
+
+    record: BufferedRecord
+    topic: str | None
+    """The topic it was meant for (``None``: the template made an illegal name)."""
+    reason: str
+    """``too_large``, ``invalid_topic`` or ``invalid_record`` (the metric label)."""
+    error: str
+    """The Kafka error's name (``MessageSizeTooLargeError``...) or the decoder's."""
+    message: str
 
 
 class _NotSent(KafkaError):  # type: ignore[misc]
     """A batch not submitted because an earlier submission failed."""
 
     retriable = True
+
+
+class DeadLetterFile:
+    """``deadletter.jsonl``: one JSON line per dead-lettered event, the event whole, bounded.
+
+    When the next line would take the file past ``max_bytes`` it is renamed to
+    ``deadletter.jsonl.1`` (replacing the older one) and a new file begins; a line alone larger
+    than ``max_bytes`` is written without its event (``"event_omitted": true``). Blocking: call
+    it off the event loop. Only the forwarder writes it.
+    """
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+
+    def write(self, entries: Sequence[tuple[dict[str, Any], bytes]]) -> None:
+        """Append one line per ``(fields, event body)``; the body is embedded as JSON when it
+        is JSON (``event``), else base64 (``event_base64``)."""
+        for fields, body in entries:
+            line = _dead_letter_line(fields, body)
+            if len(line) > self.max_bytes:
+                line = encode_json({**fields, "event_omitted": True}) + b"\n"
+            try:
+                size = self.path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            if size and size + len(line) > self.max_bytes:
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            with self.path.open("ab") as f:
+                f.write(line)
+
+
+def _dead_letter_line(fields: dict[str, Any], body: bytes) -> bytes:
+    try:
+        msgspec.json.decode(body)  # valid JSON: embedded as is
+        event: dict[str, Any] = {"event": msgspec.Raw(body)}
+    except msgspec.DecodeError:
+        event = {"event_base64": base64.b64encode(body).decode()}
+    return encode_json({**fields, **event}) + b"\n"
 
 
 class _Backoff:
@@ -354,7 +496,15 @@ class KafkaForwarder:
         self._down_since: float | None = None
         self._running = False
         self._probe_until = 0
+        self._read_limit = config.max_in_flight_events
         self._delivered = 0
+        self.dead_letter_topic = self._legal(
+            config.dead_letter_topic or topic_for(config.topic_template, DEAD_LETTER_TYPE, gateway_id))
+        """Where dead-letter records go (``None``: the template makes an illegal name; they are
+        then dropped, counted and logged)."""
+        self.dead_letter_file = (
+            DeadLetterFile(buffer.path.parent / DEAD_LETTER_FILE, config.dead_letter_file_max_bytes)
+            if config.dead_letter_file_max_bytes else None)
         self.last_ack_time: float | None = None
         """Unix time of the last acknowledgement from Kafka (``None`` before the first)."""
         _quiet_aiokafka()
@@ -362,6 +512,8 @@ class KafkaForwarder:
                       "1 while the forwarder reaches Kafka, 0 while it retries")
         metrics.describe("events_forwarded_total", "Events acknowledged by Kafka")
         metrics.describe("kafka_send_errors_total", "Failed attempts to connect or send to Kafka")
+        metrics.describe("events_dead_lettered_total",
+                         "Events Kafka can never take, replaced by a dead-letter record, by reason")
 
     @property
     def connected(self) -> bool:
@@ -469,7 +621,7 @@ class KafkaForwarder:
             "enable_idempotence": c.enable_idempotence,
             "linger_ms": c.linger_ms,
             "max_batch_size": c.max_batch_bytes,
-            "max_request_size": c.max_request_bytes,
+            "max_request_size": c.max_record_bytes,
             "compression_type": None if c.compression == "none" else c.compression,
             "request_timeout_ms": c.request_timeout_ms,
             "security_protocol": c.security_protocol,
@@ -530,7 +682,7 @@ class KafkaForwarder:
         try:
             while True:
                 newest = self._buffer.last_seq
-                records = await self._buffer.read(cursor, self._config.max_in_flight_events)
+                records = self._within_bytes(await self._buffer.read(cursor, self._read_limit))
                 if not records:
                     self._came_up()
                     if until_empty:
@@ -551,6 +703,25 @@ class KafkaForwarder:
         finally:
             if deleting is not None:
                 await deleting
+
+    def _within_bytes(self, records: list[BufferedRecord]) -> list[BufferedRecord]:
+        """The leading records that fit in ``max_in_flight_bytes`` (at least one); sizes the
+        next read from the average event read (between 1 and ``max_in_flight_events``)."""
+        if not records:
+            return records
+        bound = self._config.max_in_flight_bytes
+        sizes = [len(r.body) for r in records]
+        total = sum(sizes)
+        self._read_limit = max(1, min(self._config.max_in_flight_events,
+                                      bound * len(records) // max(total, 1)))
+        if total <= bound:
+            return records
+        taken = 0
+        for count, size in enumerate(sizes):
+            taken += size
+            if taken > bound:
+                return records[:max(count, 1)]
+        return records  # pragma: no cover - total > bound: the loop returned
 
     async def _check_reachable(self, producer: AIOKafkaProducer) -> None:
         """While idle, ask for cluster metadata so ``connected`` does not go stale."""
@@ -573,20 +744,21 @@ class KafkaForwarder:
 
     async def _forward(self, producer: AIOKafkaProducer,
                        records: Sequence[BufferedRecord]) -> _Outcome:
-        """Send one round and settle it: every record ends acknowledged, dropped or failed."""
+        """Send one round and settle it: every record ends acknowledged, dead-lettered or
+        failed (then it stays buffered)."""
         partitions = await self._partitions_of(producer, self._topics_of(records))
-        batches, rejected = self._build(producer, records, partitions)
+        batches, rejections = self._build(producer, records, partitions)
         futures, submit_error = await self._submit(producer, batches)
-        results: list[Any] = list(await asyncio.gather(*futures, return_exceptions=True))
+        results = await self._settled(futures)
         if submit_error is not None:
             results.append(submit_error)
             results.extend([_NotSent()] * (len(batches) - len(results)))
         outcome = self._settle(batches, results, records[-1].seq)
-        outcome.done.extend(rejected)
         if outcome.rejected:
             by_seq = {r.seq: r for r in records}
-            for seq, error in outcome.rejected:
-                self._reject(by_seq[seq], "kafka_rejected", repr(error))
+            rejections += [self._refused(by_seq[seq], error) for seq, error in outcome.rejected]
+        if rejections and outcome.error is None:  # else they stay buffered for the next try
+            await self._dead_letter(producer, rejections, outcome)
         return outcome
 
     def _topics_of(self, records: Iterable[BufferedRecord]) -> set[str]:
@@ -597,11 +769,13 @@ class KafkaForwarder:
         """The topic of a type (cached); ``None`` when the template makes an illegal name."""
         if event_type in self._topics:
             return self._topics[event_type]
-        topic: str | None = topic_for(self._config.topic_template, event_type, self._gateway_id)
-        if topic is not None and (not _LEGAL_TOPIC.fullmatch(topic) or topic in (".", "..")):
-            topic = None
-        self._topics[event_type] = topic
+        topic = self._topics[event_type] = self._legal(
+            topic_for(self._config.topic_template, event_type, self._gateway_id))
         return topic
+
+    @staticmethod
+    def _legal(topic: str) -> str | None:
+        return topic if _LEGAL_TOPIC.fullmatch(topic) and topic not in (".", "..") else None
 
     async def _partitions_of(self, producer: AIOKafkaProducer,
                              topics: Iterable[str]) -> dict[str, list[int]]:
@@ -628,20 +802,20 @@ class KafkaForwarder:
         return partitions[index]
 
     def _build(self, producer: AIOKafkaProducer, records: Iterable[BufferedRecord],
-               partitions: dict[str, list[int]]) -> tuple[list[_Batch], list[int]]:
+               partitions: dict[str, list[int]]) -> tuple[list[_Batch], list[_Rejection]]:
         """Record batches per topic-partition, each in seq order, in the order to submit, and
-        the seqs of records dropped because they can never be sent.
+        the records that can never be sent (for the dead-letter path).
 
         One pass, straight into the batch builders: per-record objects die young (holding a
         round's worth of header lists alive costs more in garbage collection than encoding)."""
         open_batches: dict[tuple[str, int], _Batch] = {}
         ready: list[_Batch] = []
-        rejected: list[int] = []
+        rejected: list[_Rejection] = []
         probe_until = self._probe_until
         for record in records:
             message = self._message(record)
-            if message is None:
-                rejected.append(record.seq)
+            if isinstance(message, _Rejection):
+                rejected.append(message)
                 continue
             topic, key, value, headers = message
             tp = (topic, self._partition(key, partitions[topic]))
@@ -658,13 +832,12 @@ class KafkaForwarder:
         ready.extend(open_batches.values())
         return ready, rejected
 
-    def _message(self, r: BufferedRecord) -> Message | None:
-        """``(topic, key, value, headers)`` of a record; ``None`` (logged, counted) when the
-        record can never be sent."""
+    def _message(self, r: BufferedRecord) -> Message | _Rejection:
+        """``(topic, key, value, headers)`` of a record, or why it can never be sent."""
         topic = self._topics[r.type] if r.type in self._topics else self._topic(r.type)
         if topic is None:
-            self._reject(r, "kafka_rejected", "illegal topic name")
-            return None
+            return _Rejection(r, None, "invalid_topic", "InvalidTopicError",
+                              f"topic_template makes an illegal topic name of type {r.type!r}")
         key = r.subject.encode()
         if self._config.content_mode == "structured":
             value, headers = r.body, self._structured_headers
@@ -672,17 +845,16 @@ class KafkaForwarder:
             try:
                 value, headers = binary_message(r.body)
             except (ValueError, TypeError, AttributeError, msgspec.DecodeError) as exc:
-                self._reject(r, "invalid_record", f"undecodable body: {exc}")
-                return None
-        # A binary record is never larger than its structured body plus header names: the exact
-        # size is only worth computing near the limit.
-        limit = self._config.max_request_bytes
-        if len(r.body) + len(key) + _RECORD_OVERHEAD > limit:
-            size = _record_size(key, value, headers)
+                return _Rejection(r, topic, "invalid_record", type(exc).__name__,
+                                  f"undecodable body: {exc}")
+        # The exact size is only worth computing near the limit (see _SIZE_SLACK).
+        limit = self._config.max_record_bytes
+        if len(r.body) + len(key) + _SIZE_SLACK > limit:
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
             if size > limit:
-                self._reject(r, "kafka_rejected",
-                             f"record of {size} bytes exceeds max_request_bytes {limit}")
-                return None
+                return _Rejection(r, topic, "too_large", "MessageSizeTooLargeError",
+                                  f"the record takes {size} bytes, more than max_record_bytes "
+                                  f"({limit}); not sent")
         return topic, key, value, headers
 
     async def _submit(self, producer: AIOKafkaProducer, batches: Sequence[_Batch]
@@ -696,6 +868,25 @@ class KafkaForwarder:
                 return futures, exc
         return futures, None
 
+    async def _settled(self, futures: Sequence[asyncio.Future[Any]]) -> list[Any]:
+        """Each submitted batch's result or exception. A batch not settled within
+        ``_ROUND_TIMEOUTS`` request timeouts fails (``KafkaTimeoutError``): the idempotent
+        producer retries a lost connection forever, and the forwarder must notice the outage
+        (report it, back off, re-send from the buffer with a fresh producer)."""
+        if not futures:
+            return []
+        timeout = _ROUND_TIMEOUTS * self._config.request_timeout_ms / 1000
+        try:
+            _, pending = await asyncio.wait(futures, timeout=timeout)
+        except asyncio.CancelledError:
+            for f in futures:  # our wrappers only: the batches stay with the producer
+                f.cancel()
+            raise
+        for f in pending:
+            f.cancel()
+        return [KafkaTimeoutError(f"no acknowledgement within {timeout:g} s") if f.cancelled()
+                else f.exception() or f.result() for f in futures]
+
     def _settle(self, batches: Sequence[_Batch], results: Sequence[Any], last_seq: int) -> _Outcome:
         out = _Outcome(resume_after=last_seq)
         first_failure: dict[tuple[str, int], int] = {}
@@ -706,8 +897,7 @@ class KafkaForwarder:
                 continue
             out.failed_batches += 1
             if isinstance(result, _PERMANENT) and len(batch.seqs) == 1:
-                out.rejected.append((batch.seqs[0], result))
-                out.done.extend(batch.seqs)
+                out.rejected.append((batch.seqs[0], result))  # not a failure: no tail to keep
                 continue
             if isinstance(result, _PERMANENT):
                 suspects.extend(batch.seqs)
@@ -725,10 +915,114 @@ class KafkaForwarder:
         out.probe_until = max(suspects, default=0)
         return out
 
-    def _reject(self, record: BufferedRecord, reason: str, why: str) -> None:
-        self._metrics.inc("events_dropped_total", reason=reason)
-        self._log.warning("kafka.rejected", seq=record.seq, id=_event_id(record),
-                          type=record.type, subject=record.subject, reason=reason, error=why)
+    # -- the dead-letter path -------------------------------------------------------------
+
+    def _refused(self, record: BufferedRecord, error: BaseException) -> _Rejection:
+        """A broker's permanent rejection of one record."""
+        reason = next((r for kinds, r in _REASONS if isinstance(error, kinds)), "invalid_record")
+        return _Rejection(record, self._topic(record.type), reason, type(error).__name__,
+                          str(error))
+
+    async def _dead_letter(self, producer: AIOKafkaProducer, rejections: Sequence[_Rejection],
+                           out: _Outcome) -> None:
+        """Send one dead-letter record per rejection (a batch each), then settle them: acknowledged
+        -> the event is done (deleted) and counted; refused for good -> dropped, counted, logged
+        (a dead letter never gets a dead letter of its own); a retriable failure -> the event
+        stays buffered and the round ends (``out.error``), it is dead-lettered on the next try.
+        Every settled event is appended, whole, to the dead-letter file."""
+        topic = self.dead_letter_topic
+        results: list[Any]
+        letters = [self._dead_letter_event(rej) for rej in rejections]
+        if topic is None:
+            results = [InvalidTopicError("the dead-letter topic name is illegal")] * len(letters)
+        else:
+            try:
+                partitions = (await self._partitions_of(producer, [topic]))[topic]
+            except SinkUnavailable as exc:
+                out.error = exc
+                return
+            batches = []
+            for rej, letter in zip(rejections, letters, strict=True):
+                key = rej.record.subject.encode()
+                value, headers = self._encode(encode_json(letter))
+                batch = _Batch(topic, self._partition(key, partitions), producer.create_batch(),
+                               [rej.record.seq])
+                batch.builder.append(timestamp=None, key=key, value=value, headers=headers)
+                batches.append(batch)
+            futures, submit_error = await self._submit(producer, batches)
+            results = await self._settled(futures)
+            if submit_error is not None:
+                results.append(submit_error)
+                results.extend([_NotSent()] * (len(batches) - len(results)))
+        settled: list[tuple[dict[str, Any], bytes]] = []
+        for rej, letter, result in zip(rejections, letters, results, strict=True):
+            r, data = rej.record, letter["data"]
+            fields = {"rejected_at": rfc3339(time.time()), "seq": r.seq,
+                      "dead_letter_topic": topic, **data}
+            if isinstance(result, BaseException):
+                out.failed_batches += 1
+                if not isinstance(result, _PERMANENT):
+                    out.error = out.error or result
+                    continue
+                self._metrics.inc("events_dropped_total", reason="dead_letter_refused")
+                self._log.error("kafka.dead_letter_refused", seq=r.seq, id=data["event_id"],
+                                type=r.type, subject=r.subject, reason=rej.reason,
+                                error=rej.error, message=rej.message, size=data["size"],
+                                dead_letter_topic=topic, dead_letter_error=repr(result))
+                fields["dead_letter_error"] = repr(result)
+            else:
+                self.last_ack_time = time.time()  # Kafka took it: the backlog moves
+                self._came_up()
+                self._metrics.inc("events_dead_lettered_total", reason=rej.reason)
+                self._log.warning("kafka.dead_lettered", seq=r.seq, id=data["event_id"],
+                                  type=r.type, subject=r.subject, reason=rej.reason,
+                                  error=rej.error, message=rej.message, size=data["size"],
+                                  dead_letter_topic=topic)
+            out.done.append(r.seq)
+            settled.append((fields, r.body))
+        if settled and self.dead_letter_file is not None:
+            try:
+                await asyncio.to_thread(self.dead_letter_file.write, settled)
+            except OSError as exc:
+                self._log.error("kafka.dead_letter_file_failed",
+                                path=str(self.dead_letter_file.path), error=repr(exc))
+
+    def _dead_letter_event(self, rej: _Rejection) -> dict[str, Any]:
+        """The structured CloudEvent of a rejection: the event's attributes, size and the
+        reason, never its data. Same subject, source and time as the event, id = its id +
+        :data:`DEAD_LETTER_ID_SUFFIX`, so a re-sent dead letter is the same record."""
+        r = rej.record
+        attrs = _attributes(r.body)
+        event_id, source, when = (attrs.get(k) for k in ("id", "source", "time"))
+        data = {
+            "reason": rej.reason,
+            "error": rej.error,
+            "message": rej.message[:_MESSAGE_MAX],
+            "gateway_id": self._gateway_id,
+            "topic": rej.topic,
+            "size": len(r.body),
+            "event_id": event_id,
+            "event_type": r.type,
+            "event_subject": r.subject,
+            "event_source": source,
+            "event_time": when,
+        }
+        return {
+            "specversion": SPECVERSION,
+            "id": (event_id or hashlib.sha256(r.body).hexdigest()[:32]) + DEAD_LETTER_ID_SUFFIX,
+            "source": source or f"/gateways/{self._gateway_id}",
+            "type": DEAD_LETTER_TYPE,
+            "subject": r.subject,
+            "time": when or rfc3339(time.time()),
+            "datacontenttype": JSON,
+            "data": data,
+        }
+
+    def _encode(self, body: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
+        """``(value, headers)`` of a structured CloudEvent in the configured content mode."""
+        if self._config.content_mode == "structured":
+            return body, self._structured_headers
+        return binary_message(body)
 
 
 def _abandon_batches(producer: AIOKafkaProducer) -> None:
@@ -753,13 +1047,17 @@ def _abandon_batches(producer: AIOKafkaProducer) -> None:
                 future.exception()
 
 
-def _record_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> int:
-    return len(key) + len(value) + _RECORD_OVERHEAD + sum(len(k) + len(v) for k, v in headers)
-
-
-def _event_id(record: BufferedRecord) -> str | None:
+def _attributes(body: bytes) -> dict[str, Any]:
+    """The string attributes of a buffered CloudEvent (``id``, ``source``, ``time``...) without
+    its data; empty when the body is not one."""
     try:
-        value = decode_envelope(record.body).get("id")
+        env = _envelope_decoder.decode(body)
+        return {"id": env.id, "source": env.source, "time": env.time}
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        pass
+    try:
+        envelope = decode_envelope(body)
     except (ValueError, msgspec.DecodeError):
-        return None
-    return value if isinstance(value, str) else None
+        return {}
+    return {k: v for k, v in envelope.items()
+            if isinstance(v, str) and k not in ("data", "data_base64")}
