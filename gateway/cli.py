@@ -2,7 +2,9 @@
 
 Commands: ``run`` (the service), ``validate`` (config and mappings, every finding located, exit
 78), ``catalog`` (the event types the mappings emit, with topics and contracts, as JSON), ``demo`` (a simulated shop floor, local brokers and the gateway, events shown as they arrive
-in Kafka), ``version``. Errors reach the user as located lines, never as tracebacks.
+in Kafka), ``buffer stats|inspect|export`` (the disk buffer, read-only, also while ``run`` runs;
+exit 66 when there is no buffer file, 73 when the file is not a readable gateway buffer),
+``version``. Errors reach the user as located lines, never as tracebacks.
 """
 
 from __future__ import annotations
@@ -98,6 +100,50 @@ def _parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the JSON Schema of mapping files or of the config")
     schema.add_argument("which", choices=["mapping", "config"])
     schema.set_defaults(func=_schema)
+
+    buf = sub.add_parser(
+        "buffer", help="look into the disk buffer, read-only (safe while the gateway runs)",
+        description="Read the disk buffer without locking or writing it, while the gateway runs "
+                    "or not. Exit 66: no buffer file; 73: not a readable gateway buffer.")
+    buf_sub = buf.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def buffer_args(p: argparse.ArgumentParser) -> None:
+        config_arg(p)
+        p.add_argument("--dir", metavar="PATH",
+                       help="buffer directory (or buffer file) to read instead of the config's "
+                            "buffer.directory")
+
+    def selection_args(p: argparse.ArgumentParser, limit: int | None) -> None:
+        p.add_argument("--type", action="append", metavar="TYPE",
+                       help="only this event type (a glob such as 'production.*'; repeatable)")
+        p.add_argument("--subject", action="append", metavar="SUBJECT",
+                       help="only this subject (a glob; repeatable)")
+        p.add_argument("--from-seq", type=int, metavar="SEQ", help="only events with seq >= SEQ")
+        p.add_argument("--limit", type=int, default=limit, metavar="N",
+                       help=f"at most N events (default: {limit}; 0: all)" if limit
+                       else "at most N events (default: all)")
+        p.add_argument("--tail", action="store_true",
+                       help="the newest N events instead of the oldest")
+
+    b_stats = buf_sub.add_parser("stats", help="depth, bytes, oldest event and its age, "
+                                               "per-type counts, size on disk")
+    buffer_args(b_stats)
+    b_stats.add_argument("--json", action="store_true", help="print JSON")
+    b_stats.add_argument("--by-subject", action="store_true", help="also count per subject")
+    b_inspect = buf_sub.add_parser("inspect", help="list buffered events (seq, type, subject, "
+                                                   "time, id, size)")
+    buffer_args(b_inspect)
+    selection_args(b_inspect, 20)
+    b_inspect.add_argument("--body", action="store_true", help="also print each event's JSON")
+    b_export = buf_sub.add_parser("export", help="write buffered events as JSON lines (one "
+                                                 "CloudEvent per line, as stored)")
+    buffer_args(b_export)
+    selection_args(b_export, None)
+    b_export.add_argument("-o", "--output", metavar="FILE",
+                          help="write to FILE (default: stdout); the count goes to stderr")
+    b_export.add_argument("--with-seq", action="store_true",
+                          help='write {"seq": N, "event": {...}} per line')
+    buf.set_defaults(func=_buffer)
 
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=lambda _: print(f"digispine-gateway {__version__}") or 0)
@@ -224,6 +270,18 @@ def _catalog(args: argparse.Namespace) -> int:
         })
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _buffer(args: argparse.Namespace) -> int:
+    from gateway.buffer import tools
+
+    if args.dir:
+        location = Path(args.dir)
+    else:
+        from gateway.settings import find_config, load_settings
+
+        location = load_settings(find_config(args.config)).buffer.directory
+    return tools.command(args, location)
 
 
 def _schema(args: argparse.Namespace) -> int:
