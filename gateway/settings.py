@@ -72,6 +72,11 @@ class MappingsConfig(Strict):
 
     directory: Path = Field(default=Path("mappings"), examples=["../mappings", "/etc/digispine-gateway/mappings"])
     """Directory of ``*.yaml`` mapping files (relative to this file's directory)."""
+    watch_interval_s: float = Field(default=0.0, ge=0, examples=[0, 2])
+    """Reload the mappings by themselves when a file in the directory (or its ``contracts/``)
+    changes, checking this often; 0 (the default) reloads only on SIGHUP
+    (``systemctl reload``). A change is applied once the files stopped changing for one
+    interval; a broken file is rejected like on SIGHUP, and the running mappings stay."""
 
 
 class HealthConfig(Strict):

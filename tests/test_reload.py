@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -74,3 +75,31 @@ async def test_sighup_applies_new_mappings_and_rejects_broken_ones(
     assert m1 == [{"n": 1, "line": "line1"}, {"n": 2, "line": "line1"}, {"n": 3, "line": "line1"},
                   {"n": 4, "line": "relabelled"}, {"n": 5, "line": "relabelled"}]
     assert [d["n"] for d in m2] == [100, 101, 102, 103]
+
+
+async def test_a_watched_directory_reloads_by_itself(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix):
+    """mappings.watch_interval_s: a new file is picked up without SIGHUP once it holds still;
+    a broken one is rejected and the running mappings stay."""
+    config, mappings = counting_gateway(tmp_path, mqtt_port, kafka_bootstrap, topic_prefix)
+    gw = GatewayProcess(config, tmp_path / "gw.log", env={"DIGISPINE_MAPPINGS__WATCH_INTERVAL_S": "0.3"})
+    try:
+        gw.wait_sources_running()
+        (mappings / "m2.yaml").write_text(MAPPING.format(machine="m2", prefix=topic_prefix))
+        reloaded = wait_log(gw, "mappings.reloaded")[0]
+        assert reloaded["files"] == 2
+        assert log_events(gw, "mappings.changed")
+        gw.wait_sources_running()
+        client = publisher(mqtt_port)
+        publish(client, topic_prefix, "m2", range(7, 9))
+        (mappings / "m3.yaml").write_text("version: 1\nasset: {subject: x}\nsignals: {}\nevnts: {}\n")
+        rejected = wait_log(gw, "mappings.reload_rejected")[0]
+        assert any(e.startswith(f"{mappings / 'm3.yaml'}:4:1 evnts") for e in rejected["errors"])
+        publish(client, topic_prefix, "m2", range(9, 10))
+        client.loop_stop()
+        records = await consume(kafka_bootstrap, [f"{topic_prefix}.test.CountChanged.v1"],
+                                expect=3, quiet_s=2)
+        await asyncio.sleep(1)  # more intervals: an unchanged broken file is not retried
+        assert len(log_events(gw, "mappings.reload_rejected")) == 1
+    finally:
+        assert gw.terminate() == 0, gw.tail()
+    assert [json.loads(r.value)["n"] for r in records] == [7, 8, 9]

@@ -114,7 +114,8 @@ class Daemon:
             self._start_source(source)
         health = await self._start_health()
         helpers = [asyncio.create_task(self._stats_loop()), asyncio.create_task(self._watchdog_loop()),
-                   asyncio.create_task(self._maintenance_loop())]
+                   asyncio.create_task(self._maintenance_loop()),
+                   asyncio.create_task(self._watch_mappings())]
         sd_notify(f"READY=1\nSTATUS=forwarding; {len(self.sources)} source(s)")
         self._log.info("daemon.ready")
         stopper = asyncio.create_task(stop.wait())
@@ -158,9 +159,13 @@ class Daemon:
         async with self._reload_lock:
             log = logs.get("daemon")
             protocols = {name: c.protocol for name, c in self.settings.connections.items()}
-            try:
+
+            def prepare() -> tuple[list[MappingFile], Mapper]:
                 files = load_mappings(self.settings.mappings.directory, protocols)
-                mapper = Mapper(files, self.settings.gateway.id)
+                return files, Mapper(files, self.settings.gateway.id)
+
+            try:  # off the event loop: a thousand files must not stall the sources
+                files, mapper = await asyncio.to_thread(prepare)
                 sources = build_sources(self.settings, mapper, self.metrics)
             except ConfigError as exc:
                 self.metrics.inc("mapping_reloads_total", result="rejected")
@@ -296,6 +301,26 @@ class Daemon:
             except BufferError as exc:  # disk full or I/O: the pipeline reports it too
                 log.warning("buffer.maintenance_failed", error=str(exc))
 
+    async def _watch_mappings(self) -> None:
+        """``mappings.watch_interval_s``: reload when the mapping files changed and then held
+        still for one interval (a copy in progress is not loaded half-written)."""
+        interval = self.settings.mappings.watch_interval_s
+        if interval <= 0:
+            return
+        directory = Path(self.settings.mappings.directory)
+        applied = await asyncio.to_thread(_files_signature, directory)
+        seen = applied
+        while True:
+            await asyncio.sleep(interval)
+            now = await asyncio.to_thread(_files_signature, directory)
+            if now != seen:  # still changing: wait until it holds still
+                seen = now
+                continue
+            if now != applied:
+                applied = now
+                self._log.info("mappings.changed", directory=str(directory))
+                await self.reload()
+
     async def _watchdog_loop(self) -> None:
         usec = os.environ.get("WATCHDOG_USEC")
         if not usec:
@@ -305,6 +330,24 @@ class Daemon:
             if self.status()[0]:
                 sd_notify("WATCHDOG=1")
             await asyncio.sleep(period)
+
+
+def _files_signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime ns, size) of every YAML file in ``directory`` and its ``contracts/``."""
+    out = []
+    for folder in (directory, directory / "contracts"):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.endswith((".yaml", ".yml")) and not entry.name.startswith("."):
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue
+                out.append((entry.path, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(out))
 
 
 def _changed_bindings(old: dict[str, list[Any]], new: dict[str, list[Any]]) -> set[str]:
