@@ -152,7 +152,7 @@ data:
     errors = _errors(directory)
     assert len(errors) == 2, errors
     assert "m1.yaml:14:7 events.changed.data.line" in errors[0]
-    assert "of type string" in errors[0] and "gives a integer" in errors[0]
+    assert "of type string" in errors[0] and "gives an integer" in errors[0]
     assert "m1.yaml:19:7 events.temperature.data.temperature_c" in errors[1]
     assert "of type integer" in errors[1] and "gives a number" in errors[1]
     # the other way round is fine: an integer attribute fits a number field
@@ -160,6 +160,43 @@ data:
     (directory / "contracts" / "production.MachineStateChanged.v1.yaml").write_text(fine)
     (directory / "contracts" / "process.TemperatureChanged.v1.yaml").write_text(
         temperature.replace("integer", "number"))
+    assert len(load_mappings(directory, CONNECTIONS)) == 1
+
+
+def test_computed_fields_and_window_aggregates_are_typed_statically(tmp_path: Path):
+    """{expr: ...} has the expression's type; a window's min/max/first/last the type of its
+    signal, its mean a number, its count an integer."""
+    mapping = MAPPING + """\
+  stats:
+    type: process.TemperatureStatistics.v1
+    trigger: {kind: window, signal: t, every_s: 60}
+    data:
+      low: {trigger: min}
+      mean: {trigger: mean}
+      readings: {trigger: count}
+      label: {expr: 't > 100.0'}
+      fahrenheit: {expr: 't * 1.8 + 32.0'}
+"""
+    stats = """\
+version: 1
+type: process.TemperatureStatistics.v1
+data:
+  low: {type: integer}
+  mean: {type: string}
+  readings: {type: integer}
+  label: {type: string}
+  fahrenheit: {type: number}
+"""
+    directory = _write(tmp_path, mapping, **{"process.TemperatureStatistics.v1": stats})
+    errors = _errors(directory)
+    assert [e.split(" ", 2)[1].rstrip(":") for e in errors] == [
+        "events.stats.data.low", "events.stats.data.mean", "events.stats.data.label"], errors
+    assert "gives a number" in errors[0] and "gives a number" in errors[1]
+    assert "gives a boolean" in errors[2]
+    fixed = stats.replace("low: {type: integer}", "low: {type: number}").replace(
+        "mean: {type: string}", "mean: {type: number}").replace(
+        "label: {type: string}", "label: {type: boolean}")
+    (directory / "contracts" / "process.TemperatureStatistics.v1.yaml").write_text(fixed)
     assert len(load_mappings(directory, CONNECTIONS)) == 1
 
 

@@ -308,6 +308,7 @@ TRIGGER_ATTRIBUTE_TYPES: dict[str, str] = {
     "state_duration_s": "number",
     "delta": "integer",
     "count": "integer",
+    "mean": "number",
     "edge": "string",
     "crossing": "string",
     "quality": "string",
@@ -320,8 +321,13 @@ TRIGGER_ATTRIBUTE_TYPES: dict[str, str] = {
 _SIGNAL_TYPES = {"float": "number", "integer": "integer", "boolean": "boolean", "string": "string"}
 
 
-def source_type(source: Any, mapping: spec.MappingSpec) -> str | None:
-    """The JSON type a data source produces, where it is known statically (else None)."""
+_SIGNAL_TYPED_AGGREGATES = frozenset({"min", "max", "first", "last"})
+"""Window aggregates of the type of the window's signal (``mean`` is always a number)."""
+
+
+def source_type(source: Any, mapping: spec.MappingSpec, trigger_type: str | None = None) -> str | None:
+    """The JSON type a data source produces, where it is known statically (else None).
+    ``trigger_type``: the type of the event's trigger signal, for window aggregates."""
     if isinstance(source, (spec.SignalSource, spec.PreviousSource)):
         name = source.signal if isinstance(source, spec.SignalSource) else source.previous
         signal = mapping.signals.get(name)
@@ -337,7 +343,20 @@ def source_type(source: Any, mapping: spec.MappingSpec) -> str | None:
     if isinstance(source, spec.ConstSource):
         return None if source.const is None else _json_type(source.const)
     if isinstance(source, spec.TriggerSource):
-        return TRIGGER_ATTRIBUTE_TYPES.get(source.trigger)
+        known = TRIGGER_ATTRIBUTE_TYPES.get(source.trigger)
+        if known is not None or source.trigger not in _SIGNAL_TYPED_AGGREGATES:
+            return known
+        return None if trigger_type is None else _SIGNAL_TYPES.get(trigger_type)
+    if isinstance(source, spec.ExprSource):
+        # Imported here: the loader imports this module.
+        from gateway.mapping.expr import ExprError
+        from gateway.mapping.loader import compile_expression
+
+        try:
+            compiled = compile_expression(source.expr, mapping.signals, "any")
+        except ExprError:
+            return None  # reported where the expression is checked
+        return _SIGNAL_TYPES[compiled.result_type]
     return None
 
 
@@ -347,6 +366,9 @@ def check_event(
 ) -> list[Finding]:
     """Static check of one mapping event against the contract of its type."""
     base: list[str | int] = ["events", event_id, "data"]
+    watched = spec.trigger_signal(event.trigger)
+    signal = mapping.signals.get(watched) if watched is not None else None
+    trigger_type = signal.type if signal is not None and signal.enum is None else None
     where = f"contract {contract.type}" + (f" ({contract.path})" if contract.path else "")
     out: list[Finding] = []
     missing = [n for n, f in contract.spec.data.items() if f.required and n not in event.data]
@@ -363,9 +385,9 @@ def check_event(
                     [*base, name], f"field '{name}' is not declared by {where}, which forbids "
                     f"additional fields; declared: {known}"))
             continue
-        actual = source_type(source, mapping)
+        actual = source_type(source, mapping, trigger_type)
         if actual is not None and not fits(declared.type, actual):
             out.append(located.finding(
                 [*base, name], f"field '{name}' is of type {declared.type} in {where}, "
-                f"but this source gives a {actual}"))
+                f"but this source gives {'an' if actual[0] in 'aeiou' else 'a'} {actual}"))
     return out
