@@ -1,11 +1,13 @@
 """Throughput of the mapping engine alone: Signals in, DomainEvents out, no broker, no buffer.
 
     python -m bench.bench_mapping              # 1,000 assets x 20 signals, 1,000,000 readings per mix
-    python -m bench.bench_mapping --assets 200 --readings 200000 --profile
+    python -m bench.bench_mapping --quick      # 50 assets, 50,000 readings: a smoke run in seconds
+    python -m bench.bench_mapping --profile    # also a cProfile of the expression mix (c)
+    python -m bench.bench_mapping --assets 200 --readings 200000 --profile b
 
-It writes a realistic plant into a temporary directory: one mapping file per machine (subject
-``acme/plant1/area<k>/line<j>/m<i>``), each with ``--signals`` signals (20 by default) on the MQTT
-connection ``plant_mqtt`` and every trigger kind the loader accepts:
+It writes a realistic plant into a temporary directory, twice: one mapping file per machine
+(subject ``acme/plant1/area<k>/line<j>/m<i>``), each with ``--signals`` signals (20 by default)
+on the MQTT connection ``plant_mqtt`` and every trigger kind the loader accepts:
 
 - ``on_change`` with absolute and percent deadbands on float telemetry;
 - ``transition`` on a string state signal (enum list) and on an integer mode code (enum map),
@@ -14,29 +16,50 @@ connection ``plant_mqtt`` and every trigger kind the loader accepts:
 - ``counter`` on a uint32 part counter (``rollover_at`` + ``max_delta``) and a uint16 cycle
   counter (``count_from_zero``);
 - ``threshold`` above and below a limit, with hysteresis;
-- further kinds (quality, periodic, window, ...) only if this loader accepts them (probed).
+- further kinds (quality, periodic, window) only if this loader accepts them (probed).
+
+The second plant has the same signals and events plus expressions (docs/expressions.md):
+``when:`` guards on some events (``state != 'Idle'``, ``state in ['Running', 'Setup']``, ...),
+``{expr: ...}`` computed data fields (unit conversions such as ``temperature * 1.8 + 32.0``,
+ratios and products of two signals, ``? :`` choices, ``min``/``abs``/``double``) and
+``condition`` triggers over two or three signals (``door_open && state == 'Running'``), with
+computed fields of their own. Both plants are loaded the normal way (``load_mappings``).
 
 It then builds, with a fixed seed, a stream of readings as the plant would send them (every
 signal of every machine once per simulated second, machines in shuffled order, device
 timestamps, a few ms of latency): telemetry noise below the deadbands with set-point steps and
 drifts now and then, states that change now and then, counters that advance (and, rarely,
 reset), door bounces, limit excursions, rare sensor glitches (a value that does not convert);
-about 8% of the readings fire an event. Figures, each the best of 3 passes
-(``time.perf_counter`` over the whole pre-built list, GC on; before each pass every signal and
-trigger state is reset in place, so each pass starts as a fresh Mapper):
+about 8% of the readings fire an event. Figures, each the best of 3 passes (``--passes``) over
+the whole pre-built list, GC on, timed in CPU time of the process (``time.process_time``: the
+engine is single-threaded, so this is signals per second of one core, and a busy machine that
+deschedules the benchmark does not count; the best wall-clock pass is shown too). Before each
+pass every signal and trigger state is reset in place, so each pass starts as a fresh Mapper;
+the passes go round-robin over the mixes (each round starting at the next mix), so a noisy
+neighbour slows them alike:
 
-- ``(a) on_change/transition``: readings of the float telemetry and state signals only;
-- ``(b) full mix``: readings of every signal;
-- ``(c) full mix + tick``: (b) plus ``Mapper.tick(now)`` once per simulated second.
+- ``(a) on_change/transition``: readings of the float telemetry and state signals only (the
+  target: 200,000 signals/s on one core);
+- ``(b) all kinds``: readings of every signal, the plant without expressions (every trigger
+  kind but ``condition``, which is an expression);
+- ``(b) + tick/s``: (b) plus ``Mapper.tick(now)`` once per simulated second (periodic, window
+  and quality triggers fire from it);
+- ``(c) all kinds + expr``: the same readings as (b) on the plant with expressions (all nine
+  kinds);
+- ``(c) + tick/s``: (c) plus the ticks.
 
-Plus the time ``load_mappings`` takes for the files and the Mapper construction time.
-``--profile`` adds the top 15 functions (by own time) of a cProfile run of mix (b) and which
-trigger kinds its events came from.
+Each with its ratio to (a) of the same run, plus the time ``load_mappings`` takes for the files,
+the Mapper construction time, and what the expressions did in one pass of (c) (events the
+guards dropped, evaluations without a value). ``--profile`` adds the top 15 functions of a
+cProfile run of mix (c) (or of the mix named: ``--profile a|b|c``), by own and by cumulative
+time, the share of the time spent evaluating expressions, and which trigger kinds the events
+came from.
 
 The readings of a second are built as a list before the clock starts: the figures are the
 engine's alone (no JSON decoding, no source, no buffer). With 1,000 machines the engine's
 state (~20,000 signals, ~26,000 triggers) no longer fits in the CPU caches: the same readings
-over 100 machines map about twice as fast.
+over 100 machines map about twice as fast. The plant with expressions takes longer to load
+and to build a Mapper for (each expression is compiled by the loader and again by the engine).
 """
 
 from __future__ import annotations
@@ -46,6 +69,7 @@ import cProfile
 import dataclasses
 import gc
 import io
+import json
 import math
 import pstats
 import random
@@ -59,6 +83,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ruamel.yaml import YAML
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.errors import ConfigError
@@ -71,6 +97,7 @@ SEED = 20261128
 T0 = 1_795_903_200.0
 """Simulated start (Unix seconds)."""
 PASSES = 3
+"""Passes per figure (``--passes``); the fastest counts."""
 TARGET = 200_000
 """signals/s the on_change/transition mix must reach on one core."""
 
@@ -309,6 +336,83 @@ EXTRA_KINDS: list[tuple[str, str | None, list[str]]] = [
 ]
 
 
+# --- expressions (mix (c)) -------------------------------------------------------------------
+# Added to the events of the signals of the first 20 (names without a suffix), each only when the
+# file has every signal it reads (fewer ``--signals``: fewer expressions). String literals in
+# single quotes, so that the names an expression reads are the identifiers outside them.
+
+GUARDS: dict[str, str] = {
+    "spindle_speed_changed": "state != 'Idle'",
+    "vibration_changed": "spindle_speed > 100.0 && !e_stop",
+    "parts_produced": "state in ['Running', 'Setup']",
+    "oil_temperature_limit": "state != 'Idle' || spindle_speed > 100.0",
+    "door_opened": "mode != 'Setup'",
+}
+"""Event id -> its ``when:`` guard (evaluated when the trigger fires)."""
+
+EXPR_FIELDS: dict[str, dict[str, str]] = {
+    "temperature_changed": {"value_degf": "temperature * 1.8 + 32.0"},
+    "hydraulic_pressure_changed": {"value_psi": "hydraulic_pressure * 14.5038"},
+    "motor_current_changed": {"power_kw": "motor_current * supply_voltage * 1.732 / 1000.0"},
+    "torque_changed": {
+        "mech_power_kw": "torque * spindle_speed / 9549.0",
+        "load_pct": "min(torque / 250.0 * 100.0, 100.0)",
+    },
+    "feed_rate_changed": {
+        "feed_per_rev_mm": "spindle_speed > 0.0 ? feed_rate / spindle_speed : 0.0",
+    },
+    "humidity_changed": {"climate": "humidity > 60.0 ? 'humid' : 'ok'"},
+    "cycles_completed": {
+        "parts_per_cycle": "cycle_counter > 0 ? double(part_counter) / double(cycle_counter) : 0.0",
+    },
+    "oil_temperature_limit": {"margin_c": "75.0 - oil_temperature"},
+    "motor_temperature_limit": {"deviation_c": "abs(motor_temperature - 90.0)"},
+    "snapshot": {
+        "temperature_degf": "temperature * 1.8 + 32.0",
+        "power_kw": "motor_current * supply_voltage * 1.732 / 1000.0",
+    },
+}
+"""Event id -> computed data fields (``{expr: ...}``, evaluated when the event is emitted)."""
+
+CONDITIONS: dict[str, dict[str, Any]] = {
+    "door_open_while_running": {
+        "type": "safety.GuardDoorOpenWhileRunning.v1",
+        "trigger": {"kind": "condition", "when": "door_open && state == 'Running'"},
+        "data": {
+            "safe_for_s": {"trigger": "state_duration_s"},
+            "spindle_speed": {"signal": "spindle_speed"},
+        },
+    },
+    "spindle_overload": {
+        "type": "maintenance.SpindleOverload.v1",
+        "trigger": {
+            "kind": "condition",
+            "when": "motor_current > 45.0 && torque > 155.0 && spindle_speed > 1000.0",
+        },
+        "data": {
+            "normal_for_s": {"trigger": "state_duration_s"},
+            "mech_power_kw": {"expr": "torque * spindle_speed / 9549.0"},
+        },
+    },
+    "cooling_lost": {
+        "type": "maintenance.CoolingLost.v1",
+        "trigger": {"kind": "condition", "when": "coolant_flow < 23.0 && oil_temperature > 72.0"},
+        "data": {
+            "oil_temperature": {"signal": "oil_temperature"},
+            "flow_pct": {"expr": "coolant_flow / 24.0 * 100.0"},
+        },
+    },
+}
+"""Condition events (evaluated on every reading of a signal their ``when`` reads)."""
+
+TEMPLATE_NAMES = frozenset(t.name for t in TEMPLATES)
+
+
+def reads(text: str) -> set[str]:
+    """The signal names (of :data:`TEMPLATES`) in an expression, or in the JSON of a data map."""
+    return set(re.findall(r"\b[a-z_][a-z0-9_]*\b", re.sub(r"'[^']*'", "", text))) & TEMPLATE_NAMES
+
+
 @dataclass(frozen=True)
 class Plant:
     directory: Path
@@ -317,6 +421,8 @@ class Plant:
     """(signal name, template) per signal of a machine, in declaration order."""
     extras: dict[str, str]
     """Extra trigger kind -> the YAML of its event (the kinds this loader accepts)."""
+    expressions: Counter[str]
+    """What each file has of expressions: ``when:`` guards, ``{expr}`` fields, conditions."""
 
 
 def subject_of(i: int) -> str:
@@ -332,7 +438,8 @@ def machine_signals(count: int) -> list[tuple[str, Template]]:
     return out
 
 
-def mapping_text(subject: str, signals: list[tuple[str, Template]], extras: dict[str, str]) -> str:
+def header_text(subject: str, signals: list[tuple[str, Template]]) -> str:
+    """A file up to and including its ``events:`` line."""
     machine = subject.rsplit("/", 1)[1]
     line = subject.split("/")[3]
     lines = [
@@ -352,7 +459,12 @@ def mapping_text(subject: str, signals: list[tuple[str, Template]], extras: dict
             f"    {t.declaration}",
         ]
     lines.append("events:")
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def events_text(signals: list[tuple[str, Template]], extras: dict[str, str]) -> str:
+    """The ``events:`` section of a file (the same in every file: no subject in it)."""
+    text = ""
     names = {name for name, _ in signals}
     for name, t in signals:
         suffix = name[len(t.name):]
@@ -367,6 +479,40 @@ def mapping_text(subject: str, signals: list[tuple[str, Template]], extras: dict
                 continue
             text += snippet.format(s=watched, k="")
     return text
+
+
+def with_expressions(events: str, names: set[str]) -> tuple[str, Counter[str]]:
+    """``events`` (an ``events:`` section) with the guards, computed fields and conditions
+    whose signals are all in ``names``; and how many of each it got."""
+    parsed: dict[str, dict[str, Any]] = YAML(typ="safe", pure=True).load("events:\n" + events)[
+        "events"]
+    used: Counter[str] = Counter()
+    out: dict[str, dict[str, Any]] = {}
+    for event_id, event in parsed.items():
+        guard = GUARDS.get(event_id)
+        if guard is not None and reads(guard) <= names:
+            event = {"type": event.pop("type"), "when": guard, **event}
+            used["when: guards"] += 1
+        for field, expr in EXPR_FIELDS.get(event_id, {}).items():
+            if reads(expr) <= names:
+                event["data"][field] = {"expr": expr}
+                used["{expr} fields"] += 1
+        out[event_id] = event
+    for event_id, event in CONDITIONS.items():
+        if reads(json.dumps([event["trigger"], event["data"]])) <= names:
+            out[event_id] = event
+            used["condition triggers"] += 1
+            used["{expr} fields"] += sum("expr" in source for source in event["data"].values())
+    # JSON is YAML: one flow value per key keeps the file readable and its values exact.
+    text = "".join(
+        f"  {event_id}:\n" + "".join(f"    {k}: {json.dumps(v)}\n" for k, v in event.items())
+        for event_id, event in out.items()
+    )
+    return text, used
+
+
+def mapping_text(subject: str, signals: list[tuple[str, Template]], extras: dict[str, str]) -> str:
+    return header_text(subject, signals) + events_text(signals, extras)
 
 
 def accepted_extras(tmp: Path) -> dict[str, str]:
@@ -389,16 +535,22 @@ def accepted_extras(tmp: Path) -> dict[str, str]:
     return out
 
 
-def write_plant(tmp: Path, assets: int, signals_per_asset: int) -> Plant:
-    # The base plant must load: fail loudly here rather than measure nothing.
-    extras = accepted_extras(tmp)
-    directory = tmp / "mappings"
+def write_plant(
+    directory: Path, assets: int, signals_per_asset: int, extras: dict[str, str],
+    expressions: bool,
+) -> Plant:
+    """The mapping files of the plant in ``directory`` (created), with or without the
+    expressions of :data:`GUARDS`, :data:`EXPR_FIELDS` and :data:`CONDITIONS`."""
     directory.mkdir()
     signals = machine_signals(signals_per_asset)
+    events = events_text(signals, extras)
+    used: Counter[str] = Counter()
+    if expressions:
+        events, used = with_expressions(events, {name for name, _ in signals})
     subjects = [subject_of(i) for i in range(assets)]
     for i, subject in enumerate(subjects):
-        (directory / f"m{i:04d}.yaml").write_text(mapping_text(subject, signals, extras), "utf-8")
-    return Plant(directory, subjects, signals, extras)
+        (directory / f"m{i:04d}.yaml").write_text(header_text(subject, signals) + events, "utf-8")
+    return Plant(directory, subjects, signals, extras, used)
 
 
 # --- the reading stream ----------------------------------------------------------------------
@@ -436,7 +588,8 @@ class Machine:
         """(tag, value, source time) of this second's readings (a bounce adds one)."""
         rng = self.rng
         t = T0 + second + self.offset
-        out = []
+        out: list[tuple[str, Any, float]] = []
+        value: Any
         for i, tmpl in enumerate(self.templates):
             if groups is not None and tmpl.group not in groups:
                 continue
@@ -576,6 +729,11 @@ class Figure:
     readings: int
     events: int
     seconds: float
+    """The best pass, in CPU seconds of this process (one core: the engine is single-threaded)."""
+    wall: float
+    """The best pass, in wall-clock seconds (longer when the machine is busy)."""
+    expressions: str = ""
+    """What the expressions did in one pass (:meth:`ExprStats.per_pass`); empty without any."""
 
     @property
     def signals_per_s(self) -> float:
@@ -586,29 +744,62 @@ class Figure:
         return self.events / self.seconds
 
 
-def best_of(name: str, mapper: Mapper, readings: int, run: Callable[[Mapper, Any], int],
-            stream: Any) -> Figure:
-    """The fastest of :data:`PASSES` passes of ``run(mapper, stream)``, each from the start
-    state."""
-    best, counts = math.inf, []
-    gc.collect()
-    for _ in range(PASSES):
-        reset(mapper)
-        start = time.perf_counter()
-        counts.append(run(mapper, stream))
-        best = min(best, time.perf_counter() - start)
-    if len(set(counts)) != 1:  # a pass did not start from the same state: say so
-        print(f"WARNING: {name}: event counts differ between passes: {counts}", file=sys.stderr)
-    return Figure(name, readings, counts[-1], best)
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    mapper: Mapper
+    readings: int
+    run: Callable[[Mapper, Any], int]
+    stream: Any
+    """What ``run`` takes: the flat list of Signals, or the :class:`Stream` (with ticks)."""
+
+
+def measure(measurements: list[Measurement], passes: int) -> list[Figure]:
+    """The fastest of ``passes`` passes of each measurement, each pass from the start state.
+    The passes go round-robin over the measurements, each round starting one further, so that
+    a noisy neighbour on the machine (or the place in the round) slows all of them alike rather
+    than one mix."""
+    best = [math.inf] * len(measurements)
+    best_wall = [math.inf] * len(measurements)
+    counts: list[list[int]] = [[] for _ in measurements]
+    expressions = [""] * len(measurements)
+    n = len(measurements)
+    for i in range(passes):
+        rates = []
+        for j in [(i + k) % n for k in range(n)]:
+            m = measurements[j]
+            reset(m.mapper)
+            before = ExprStats.of(m.mapper)
+            gc.collect()
+            start, start_wall = time.process_time(), time.perf_counter()
+            counts[j].append(m.run(m.mapper, m.stream))
+            seconds = time.process_time() - start
+            best_wall[j] = min(best_wall[j], time.perf_counter() - start_wall)
+            best[j] = min(best[j], seconds)
+            label = m.name.split()[0] + ("+tick" if "tick" in m.name else "")
+            rates.append(f"{label} {m.readings / seconds:,.0f}")
+            expressions[j] = ExprStats.of(m.mapper).per_pass(before, 1)
+        print(f"  pass {i + 1}/{passes}, signals per CPU second: " + ", ".join(rates), flush=True)
+    figures = []
+    for m, b, w, c, e in zip(measurements, best, best_wall, counts, expressions, strict=True):
+        if len(set(c)) != 1:  # a pass did not start from the same state: say so
+            print(f"WARNING: {m.name}: event counts differ between passes: {c}", file=sys.stderr)
+        figures.append(Figure(m.name, m.readings, c[-1], b, w, e))
+    return figures
 
 
 def print_table(figures: list[Figure]) -> None:
+    base = figures[0].signals_per_s
     print()
-    print(f"{'mix':<26} {'readings':>10} {'signals/s':>10} {'events/s':>9} {'events':>8} "
-          f"{'ratio':>6} {'us/reading':>10}")
+    print("signals/s: per CPU second of the best pass (one core); wall: per wall-clock second "
+          "of the best pass")
+    print(f"{'mix':<24} {'readings':>10} {'signals/s':>10} {'vs (a)':>7} {'wall':>9} "
+          f"{'events/s':>9} {'events':>8} {'ev/rd':>6} {'us/reading':>10}")
     for f in figures:
-        print(f"{f.name:<26} {f.readings:>10,} {f.signals_per_s:>10,.0f} {f.events_per_s:>9,.0f} "
-              f"{f.events:>8,} {f.events / f.readings:>6.1%} {1e6 * f.seconds / f.readings:>10.2f}")
+        print(f"{f.name:<24} {f.readings:>10,} {f.signals_per_s:>10,.0f} "
+              f"{f.signals_per_s / base:>6.2f}x {f.readings / f.wall:>9,.0f} "
+              f"{f.events_per_s:>9,.0f} {f.events:>8,} "
+              f"{f.events / f.readings:>6.1%} {1e6 * f.seconds / f.readings:>10.2f}")
 
 
 def built(what: str, stream: Stream, seconds: float) -> None:
@@ -616,30 +807,76 @@ def built(what: str, stream: Stream, seconds: float) -> None:
           f"in {seconds:.1f} s", flush=True)
 
 
+@dataclass(frozen=True)
+class ExprStats:
+    """The Mapper's expression counters (cumulative)."""
+
+    guarded: int
+    without_value: int
+    errors: Counter[str]
+
+    @staticmethod
+    def of(mapper: Mapper) -> ExprStats:
+        return ExprStats(mapper.events_guarded, mapper.expressions_without_value,
+                         Counter(mapper.expression_errors))
+
+    def per_pass(self, before: ExprStats, passes: int) -> str:
+        """What happened since ``before``, per pass; empty when nothing did."""
+        errors = self.errors - before.errors
+        errors.pop("no_value", None)
+        if self == before:
+            return ""
+        return (f"{(self.guarded - before.guarded) // passes:,} events dropped by when: guards, "
+                f"{(self.without_value - before.without_value) // passes:,} evaluations "
+                "without a value (signals not reported yet, or bad), errors: "
+                + (", ".join(f"{k} {n // passes:,}" for k, n in errors.items()) or "none"))
+
+
 def qualified_names() -> dict[tuple[str, int], str]:
-    """(file name, first line) -> qualified name of the functions of the engine and the model,
-    so that the profile says ``_OnChangeRule.fires`` rather than ``fires``."""
+    """(file name, first line) -> qualified name of the functions (closures and lambdas too) of
+    the engine, the expression compiler and the model, so that the profile says
+    ``_OnChangeRule.fires`` rather than ``fires``."""
     import inspect
+    import types
 
     from gateway import model
-    from gateway.mapping import engine
+    from gateway.mapping import engine, expr
 
     out: dict[tuple[str, int], str] = {}
-    for module in (engine, model):
+
+    def add(code: types.CodeType) -> None:
+        out[(Path(code.co_filename).name, code.co_firstlineno)] = code.co_qualname
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                add(const)
+
+    for module in (engine, expr, model):
         for obj in vars(module).values():
             members = vars(obj).values() if inspect.isclass(obj) else [obj]
             for fn in members:
                 fn = getattr(fn, "fget", fn)
                 code = getattr(fn, "__code__", None)
-                if code is not None:
-                    out[(Path(code.co_filename).name, code.co_firstlineno)] = code.co_qualname
+                if isinstance(code, types.CodeType) and code.co_filename == module.__file__:
+                    add(code)
     return out
 
 
-def profile(mapper: Mapper, files: list[MappingFile], stream: Stream) -> None:
-    """cProfile of one pass of mix (b); then which trigger kinds its events came from."""
+def _print_stats(profiler: cProfile.Profile, key: str, title: str) -> None:
+    out_text = io.StringIO()
+    pstats.Stats(profiler, stream=out_text).strip_dirs().sort_stats(key).print_stats(15)
+    print(f"\n{title}")
+    names = qualified_names()
+    for line in out_text.getvalue().splitlines():
+        if line.strip() and not line.lstrip().startswith(("Ordered by", "List reduced")):
+            print(re.sub(r"([\w.]+\.py):(\d+)\(([^)]+)\)",
+                         lambda m: f"{m[1]}:{m[2]}({names.get((m[1], int(m[2])), m[3])})", line))
+
+
+def profile(mix: str, mapper: Mapper, files: list[MappingFile], signals: list[Signal]) -> None:
+    """cProfile of one pass of ``mix`` (over ``signals``, no tick): the top 15 functions by
+    own and by cumulative time, the share of the expressions, the events by trigger kind."""
     reset(mapper)
-    signals = stream.flat()
+    before = ExprStats.of(mapper)
     fired: list[list[DomainEvent]] = []
     m, keep = mapper.map, fired.append
     gc.collect()
@@ -650,74 +887,119 @@ def profile(mapper: Mapper, files: list[MappingFile], stream: Stream) -> None:
         if out:
             keep(out)
     profiler.disable()
-    out_text = io.StringIO()
-    pstats.Stats(profiler, stream=out_text).strip_dirs().sort_stats("tottime").print_stats(15)
-    print("\ncProfile of one pass of mix (b), top 15 by own time (profiling inflates times):")
+    heading = f"cProfile of one pass of mix ({mix}), {len(signals):,} readings"
+    _print_stats(profiler, "tottime", f"{heading}, top 15 by own time (profiling inflates times):")
+    _print_stats(profiler, "cumulative", f"{heading}, top 15 by cumulative time:")
+
+    # Where the expressions' time goes: the calls of the functions that evaluate them.
+    stats: dict[tuple[str, int, str], tuple[int, int, float, float, Any]]
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = sum(tt for _, _, tt, _, _ in stats.values())
     names = qualified_names()
-    for line in out_text.getvalue().splitlines():
-        if line.strip() and not line.lstrip().startswith(("Ordered by", "List reduced")):
-            print(re.sub(r"(\w+\.py):(\d+)\((\w+)\)",
-                         lambda m: f"{m[1]}:{m[2]}({names.get((m[1], int(m[2])), m[3])})", line))
+    watched = ("Mapper.map", "_Rule.emit", "_ConditionRule.fires", "_Rule.evaluate",
+               "CompiledExpr.evaluate")
+    print(f"\ntime in (profiled, total {total:.2f} s; cumulative time, calls per reading):")
+    for (file, line, func), (_, calls, _, cumulative, _) in sorted(
+            stats.items(), key=lambda kv: -kv[1][3]):
+        name = names.get((Path(file).name, line), func)
+        if name in watched:
+            print(f"  {name:<24} {cumulative:6.2f} s {cumulative / total:5.1%}  "
+                  f"{calls:>10,} calls  {calls / len(signals):.3f}/reading")
     kind_of = {e.type: e.trigger.kind for f in files for e in f.spec.events.values()}
     by_kind = Counter(kind_of[e.type] for out in fired for e in out)
-    total = sum(by_kind.values()) or 1
-    print("events of mix (b) by trigger kind: "
-          + ", ".join(f"{k} {n:,} ({n / total:.0%})" for k, n in by_kind.most_common()))
-    print(f"conversion errors: {mapper.conversion_errors}; counter resets "
-          f"(over all passes): {mapper.counter_resets}, jumps: {mapper.counter_jumps}")
+    n_events = sum(by_kind.values()) or 1
+    print(f"events of mix ({mix}) by trigger kind: "
+          + ", ".join(f"{k} {n:,} ({n / n_events:.0%})" for k, n in by_kind.most_common()))
+    print(f"expressions in this pass: {ExprStats.of(mapper).per_pass(before, 1)}")
+    print(f"conversion errors (over all passes): {mapper.conversion_errors}; counter resets: "
+          f"{mapper.counter_resets}, jumps: {mapper.counter_jumps}")
+
+
+def load(plant: Plant, what: str) -> list[MappingFile]:
+    start = time.perf_counter()
+    files = load_mappings(plant.directory, CONNECTIONS)
+    load_s = time.perf_counter() - start
+    kinds = Counter(e.trigger.kind for e in files[0].spec.events.values())
+    print(f"load_mappings {what}: {len(files):,} files ({len(plant.templates)} signals, "
+          f"{len(files[0].spec.events)} events each: "
+          + ", ".join(f"{k} {n}" for k, n in kinds.items())
+          + (f"; with {', '.join(f'{n} {k}' for k, n in plant.expressions.items())}"
+             if plant.expressions else "")
+          + f") in {load_s:.1f} s ({1e3 * load_s / len(files):.1f} ms/file)", flush=True)
+    return files
+
+
+def build(files: list[MappingFile], what: str) -> Mapper:
+    start = time.perf_counter()
+    mapper = fresh_mapper(files)
+    print(f"Mapper() {what}: {time.perf_counter() - start:.2f} s", flush=True)
+    return mapper
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--assets", type=int, default=1000, help="mapping files (machines)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--assets", type=int, default=None,
+                        help="mapping files (machines); 1,000 (--quick: 50)")
     parser.add_argument("--signals", type=int, default=20, help="signals per machine")
-    parser.add_argument("--readings", type=int, default=1_000_000, help="readings per mix")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print the top 15 functions of a cProfile run of mix (b)")
+    parser.add_argument("--readings", type=int, default=None,
+                        help="readings per mix; 1,000,000 (--quick: 50,000)")
+    parser.add_argument("--passes", type=int, default=PASSES, help="passes per figure (the best)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run in seconds: 50 assets, 50,000 readings")
+    parser.add_argument("--profile", nargs="?", const="c", choices=("a", "b", "c"),
+                        help="also print a cProfile of one pass of a mix (default: c)")
     args = parser.parse_args(argv)
-    print(f"mapping engine benchmark: {args.assets:,} assets x {args.signals} signals, "
-          f"{args.readings:,} readings per mix, best of {PASSES}, seed {SEED}, "
+    assets = args.assets if args.assets is not None else (50 if args.quick else 1000)
+    readings = args.readings if args.readings is not None else (
+        50_000 if args.quick else 1_000_000)
+    passes = max(1, args.passes)
+    print(f"mapping engine benchmark: {assets:,} assets x {args.signals} signals, "
+          f"{readings:,} readings per mix, best of {passes}, seed {SEED}, "
           f"Python {sys.version.split()[0]}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-mapping-") as tmp:
-        plant = write_plant(Path(tmp), args.assets, args.signals)
-        start = time.perf_counter()
-        files = load_mappings(plant.directory, CONNECTIONS)
-        load_s = time.perf_counter() - start
-    start = time.perf_counter()
-    mapper = fresh_mapper(files)
-    build_s = time.perf_counter() - start
-    print(f"load_mappings: {len(files):,} files ({len(plant.templates)} signals, "
-          f"{len(files[0].spec.events)} events each) in {load_s:.2f} s "
-          f"({1e3 * load_s / len(files):.1f} ms/file); Mapper(): {build_s:.2f} s", flush=True)
-    print("trigger kinds: on_change, transition, edge, counter, threshold; further kinds: "
-          + (", ".join(plant.extras) or "none accepted by this loader")
-          + "; their events per file: "
-          + ", ".join(f"{k} {n}" for k, n in Counter(
-              e.trigger.kind for e in files[0].spec.events.values()).items()), flush=True)
+        extras = accepted_extras(Path(tmp))
+        plant = write_plant(Path(tmp) / "plain", assets, args.signals, extras, False)
+        plant_x = write_plant(Path(tmp) / "expr", assets, args.signals, extras, True)
+        print("trigger kinds: on_change, transition, edge, counter, threshold; further kinds: "
+              + (", ".join(extras) or "none accepted by this loader")
+              + "; condition with expressions", flush=True)
+        files = load(plant, "(a)/(b), no expressions")
+        files_x = load(plant_x, "(c), with expressions")
+    mapper = build(files, "(a)/(b)")
+    mapper_x = build(files_x, "(c)")
 
-    figures = []
     start = time.perf_counter()
-    stream_a = build_stream(plant, args.readings, MIX_A_GROUPS)
+    stream_a = build_stream(plant, readings, MIX_A_GROUPS)
     flat_a = stream_a.flat()
     built("mix (a)", stream_a, time.perf_counter() - start)
-    figures.append(best_of("(a) on_change/transition", mapper, stream_a.count, run_flat, flat_a))
-    del stream_a, flat_a
-
+    # (b) and (c) map the same readings: the plants differ only by their expressions.
     start = time.perf_counter()
-    stream_b = build_stream(plant, args.readings, None)
+    stream_b = build_stream(plant, readings, None)
     flat_b = stream_b.flat()
-    built("mix (b)", stream_b, time.perf_counter() - start)
-    figures.append(best_of("(b) full mix", mapper, stream_b.count, run_flat, flat_b))
-    del flat_b
-    figures.append(best_of("(c) full mix + tick/s", mapper, stream_b.count, run_ticked, stream_b))
+    built("mix (b)/(c)", stream_b, time.perf_counter() - start)
+
+    figures = measure([
+        Measurement("(a) on_change/transition", mapper, stream_a.count, run_flat, flat_a),
+        Measurement("(b) all kinds", mapper, stream_b.count, run_flat, flat_b),
+        Measurement("(b) + tick/s", mapper, stream_b.count, run_ticked, stream_b),
+        Measurement("(c) all kinds + expr", mapper_x, stream_b.count, run_flat, flat_b),
+        Measurement("(c) + tick/s", mapper_x, stream_b.count, run_ticked, stream_b),
+    ], passes)
     print_table(figures)
+    for f in figures:
+        if f.expressions:
+            print(f"{f.name}, per pass: {f.expressions}")
     rate = figures[0].signals_per_s
     print(f"target >= {TARGET:,} signals/s for the on_change/transition mix: {rate:,.0f} "
           f"({'met' if rate >= TARGET else 'MISSED'}, {rate / TARGET:.2f}x)")
 
-    if args.profile:
-        profile(mapper, files, stream_b)
+    if args.profile == "a":
+        profile("a", mapper, files, flat_a)
+    if args.profile == "b":
+        profile("b", mapper, files, flat_b)
+    elif args.profile == "c":
+        profile("c", mapper_x, files_x, flat_b)
     return 0
 
 

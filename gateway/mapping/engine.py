@@ -121,6 +121,7 @@ Converter = Callable[[Any], Any]
 
 _QUALITY_TEXT: dict[Any, str] = {q: q.value for q in Quality}
 _QUALITY_TEXT.update({q.value: q.value for q in Quality})
+_BAD = Quality.BAD.value  # an enum member's .value is a descriptor call: not on the hot path
 
 STATE_FORMAT = 1
 """Version of the persisted state records (:meth:`Mapper.take_dirty_state`); part of every
@@ -1356,7 +1357,7 @@ class Mapper:
             self.unmatched += 1
             return []
         out: list[DomainEvent] = []
-        quality = _QUALITY_TEXT.get(signal.quality, Quality.BAD.value)
+        quality = _QUALITY_TEXT.get(signal.quality, _BAD)
         raw = signal.value
         received = signal.receive_time
         t = signal.source_time
