@@ -249,6 +249,71 @@ async def test_a_database_with_damaged_pages_is_moved_aside(tmp_path: Path) -> N
     await again.close()
 
 
+async def test_one_damaged_page_loses_only_its_events(tmp_path: Path) -> None:
+    """The file fails quick_check and is moved aside, but every event still readable in it is
+    salvaged into the fresh buffer, in order, under its seq; the rest is counted."""
+    buf = DiskBuffer(config(tmp_path), Metrics())
+    await buf.open()
+    await buf.append(events(0, 600, size=200))
+    await buf.close()
+    path = tmp_path / FILE_NAME
+    data = bytearray(path.read_bytes())
+    page = 4096
+    leaves = [i for i in range(1, len(data) // page) if data[i * page] == 0x0D]
+    middle = leaves[len(leaves) // 2]
+    data[middle * page:middle * page + 12] = b"\xff" * 12  # a leaf page header
+    path.write_bytes(bytes(data))
+
+    metrics = Metrics()
+    again = DiskBuffer(config(tmp_path), metrics)
+    with capture_logs() as logs:
+        await again.open()
+    try:
+        records = await read_all(again)
+        kept = ns(records)
+        assert metrics.value("buffer_corrupt_total") == 1
+        assert 500 < len(kept) < 600  # one page of ~15 events is gone, nothing else
+        assert kept == sorted(kept) and set(kept) <= set(range(600))
+        assert [r.seq for r in records] == [n + 1 for n in kept]  # seqs kept
+        assert metrics.value("buffer_salvaged_events_total") == len(kept)
+        salvaged = [e for e in logs if e["event"] == "buffer.salvaged"]
+        assert salvaged and salvaged[0]["events"] == len(kept)
+        assert salvaged[0]["unreadable_seqs_at_most"] >= 600 - len(kept)
+        await again.append(events(1000, 1))  # and new events go after them
+        assert (await read_all(again))[-1].seq == 601
+    finally:
+        await again.close()
+
+
+async def test_a_body_that_fails_its_checksum_is_dropped_and_counted(tmp_path: Path) -> None:
+    """Bit rot inside a body that leaves valid JSON (a digit) must not reach Kafka as data."""
+    buf = DiskBuffer(config(tmp_path), Metrics())
+    await buf.open()
+    await buf.append(events(0, 300))
+    await buf.close()
+    path = tmp_path / FILE_NAME
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = path.read_bytes()
+    assert data.count(b'"n":158}') == 1
+    path.write_bytes(data.replace(b'"n":158}', b'"n":958}'))
+
+    metrics = Metrics()
+    again = DiskBuffer(config(tmp_path), metrics)
+    await again.open()
+    try:
+        with capture_logs() as logs:
+            kept = ns(await read_all(again))
+        assert kept == [n for n in range(300) if n != 158]
+        assert again.pending_events == 299
+        assert metrics.value("events_dropped_total", reason="corrupt") == 1
+        assert [e["event"] for e in logs] == ["buffer.corrupt_events_dropped"]
+        assert [(t, r, n) for t, r, _, n, _, _ in await again.ledger()] == [
+            ("production.CountChanged.v1", "corrupt", 1)]
+    finally:
+        await again.close()
+
+
 async def test_a_newer_format_is_refused(tmp_path: Path) -> None:
     buf = DiskBuffer(config(tmp_path), Metrics())
     await buf.open()

@@ -22,7 +22,8 @@ its events become ``normal`` priority with ``appended`` = the upgrade time)::
         body     BLOB    NOT NULL,                  -- DomainEvent.encode(): structured CloudEvent
         priority INTEGER NOT NULL DEFAULT 1,        -- 0 low, 1 normal, 2 high (when full)
         time     REAL,                              -- the event's time (for the drop report)
-        appended REAL                               -- when it was buffered (for max_age_s)
+        appended REAL,                              -- when it was buffered (for max_age_s)
+        crc      INTEGER                            -- CRC-32 of body, checked at every read
     )
     CREATE INDEX events_by_priority ON events (priority, seq)
     CREATE TABLE drops (                            -- the ledger: dropped, not yet reported
@@ -83,7 +84,13 @@ Recovery at ``open``:
 - A file that is not a SQLite database, or fails ``PRAGMA quick_check``, is renamed to
   ``buffer.sqlite3.corrupt-<timestamp>`` (with its WAL), logged as an error, counted
   (``buffer_corrupt_total``) and replaced by a fresh buffer: a damaged disk must not stop the
-  plant's data from flowing nor crash-loop the service. The old file stays for forensics.
+  plant's data from flowing nor crash-loop the service. Every event still readable in the old
+  file is then salvaged into the new one under its seq (order holds; ``buffer.salvaged`` logs
+  how many, and an upper bound of the unreadable ones; the drop ledger and the mapping state
+  are copied too). The old file stays for forensics.
+- A record whose body no longer matches its CRC-32 (bit rot that leaves the database valid) is
+  never forwarded: :meth:`DiskBuffer.read` drops it, counts it
+  (``events_dropped_total{reason="corrupt"}``), ledgers and logs it.
 - A file written by a newer gateway (higher format version), or a SQLite file that is not a
   gateway buffer, is refused with ``BufferError``: that needs a human, not an automatic fix.
 
@@ -99,6 +106,7 @@ import fnmatch
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -176,6 +184,10 @@ APPLICATION_ID = 0x44475742
 
 _SYNC = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
 _CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_SALVAGE_GIVE_UP_SEQS = 1_000_000
+"""A failing seq range wider than this is not split further (an inner b-tree page is gone)."""
+_SALVAGE_MAX_QUERIES = 50_000
+"""At most this many range reads while salvaging a damaged file."""
 _FULL_CLEARED_RATIO = 0.9
 """A buffer-full episode ends once pending bytes are back under this share of ``max_bytes``."""
 
@@ -188,7 +200,8 @@ CREATE TABLE events (
     body     BLOB    NOT NULL,
     priority INTEGER NOT NULL DEFAULT 1,
     time     REAL,
-    appended REAL
+    appended REAL,
+    crc      INTEGER
 )
 """
 _V2_INDEX = "CREATE INDEX IF NOT EXISTS events_by_priority ON events (priority, seq)"
@@ -207,7 +220,11 @@ _UPGRADE_1_TO_2 = (
     "ALTER TABLE events ADD COLUMN priority INTEGER NOT NULL DEFAULT 1",
     "ALTER TABLE events ADD COLUMN time REAL",
     "ALTER TABLE events ADD COLUMN appended REAL",
+    "ALTER TABLE events ADD COLUMN crc INTEGER",
 )
+_ADD_CRC = "ALTER TABLE events ADD COLUMN crc INTEGER"
+"""For format-2 files written before the checksum existed (their events stay unchecked)."""
+_COLUMNS = ("seq", "type", "subject", "size", "body", "priority", "time", "appended", "crc")
 _LEDGER_ADD = """
 INSERT INTO drops (type, reason, priority, count, first_time, last_time) VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT (type, reason) DO UPDATE SET
@@ -224,14 +241,16 @@ CREATE TABLE IF NOT EXISTS mapper_state (
     state       BLOB NOT NULL
 ) WITHOUT ROWID
 """
-_INSERT = ("INSERT INTO events (type, subject, size, body, priority, time, appended) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?)")
+_INSERT = ("INSERT INTO events (type, subject, size, body, priority, time, appended, crc) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _PUT_STATE = "INSERT OR REPLACE INTO mapper_state (key, fingerprint, state) VALUES (?, ?, ?)"
-_READ = "SELECT seq, type, subject, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+_READ = ("SELECT seq, type, subject, body, crc, priority, time FROM events WHERE seq > ? "
+         "ORDER BY seq LIMIT ?")
 
 T = TypeVar("T")
-Row = tuple[str, str, int, bytes, int, float, float]
-"""An event as inserted: type, subject, size, body, priority, event time, append time."""
+Row = tuple[str, str, int, bytes, int, float, float, int]
+"""An event as inserted: type, subject, size, body, priority, event time, append time, CRC-32
+of the body."""
 Dropped = tuple[str, int, float | None]
 """A dropped event as the ledger counts it: type, priority, event time."""
 LedgerRow = tuple[str, str, int, int, float | None, float | None]
@@ -334,7 +353,10 @@ class _Store:
                     conn.execute(statement)
                 conn.execute("UPDATE events SET appended = ?", (time.time(),))
                 conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(events)")}
         with self.transaction():  # idempotent; a crash before the first commit left none
+            if "crc" not in columns:
+                conn.execute(_ADD_CRC)
             conn.execute(_V2_INDEX)
             conn.execute(_LEDGER_SCHEMA)
             conn.execute(_STATE_SCHEMA)
@@ -495,9 +517,87 @@ class _Store:
         self.last_seq = int(last)
         return sum(line[3] for line in lines)
 
-    def read(self, after_seq: int, limit: int) -> list[BufferedRecord]:
+    def read(self, after_seq: int, limit: int) -> tuple[list[BufferedRecord], list[int]]:
+        """Records after ``after_seq``; a record whose body no longer matches its CRC-32 (bit
+        rot, a bad sector) is not returned but deleted and ledgered (reason ``corrupt``) in
+        its own transaction. Returns (records, seqs of the corrupt ones)."""
         rows = self._conn().execute(_READ, (after_seq, limit)).fetchall()
-        return [BufferedRecord(*row) for row in rows]
+        out: list[BufferedRecord] = []
+        bad: list[tuple[Any, ...]] = []
+        crc32 = zlib.crc32
+        for seq, event_type, subject, body, crc, level, event_time in rows:
+            if crc is not None and crc32(body) != crc:
+                bad.append((seq, event_type, level, event_time, len(body)))
+                continue
+            out.append(BufferedRecord(seq, event_type, subject, body))
+        if bad:
+            with self.transaction() as conn:
+                conn.executemany("DELETE FROM events WHERE seq = ?", [(b[0],) for b in bad])
+                _ledger_add(conn, [(b[1], b[2], b[3]) for b in bad], "corrupt")
+            self.pending_events -= len(bad)
+            self.pending_bytes -= sum(b[4] for b in bad)
+        return out, [b[0] for b in bad]
+
+    def salvage(self, source: Path) -> tuple[int, int]:
+        """Copy what can still be read from a damaged buffer file into this (fresh) one:
+        events with their seqs (so order holds), the drop ledger and the mapping state.
+
+        Reads the events in seq ranges, halving a range that fails until single seqs; gives up
+        on a failing range wider than :data:`_SALVAGE_GIVE_UP_SEQS` (an inner page of the
+        tree is gone) or after :data:`_SALVAGE_MAX_QUERIES` queries. Returns (events copied,
+        seqs unreadable); seqs that were merely deleted before cannot be told apart from lost
+        ones, so the second figure is an upper bound.
+        """
+        try:
+            src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return 0, 0
+        copied = unreadable = 0
+        queries = 0
+        try:
+            try:
+                present = {r[1] for r in src.execute("PRAGMA table_info(events)")}
+                top = src.execute("SELECT max(seq) FROM events").fetchone()[0]
+            except sqlite3.Error:
+                return 0, 0
+            if top is None:
+                return 0, 0
+            select = ", ".join(c if c in present else "NULL" for c in _COLUMNS)
+            query = f"SELECT {select} FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq"
+            ranges = [(1, int(top))]
+            conn = self._conn()
+            while ranges:
+                lo, hi = ranges.pop()
+                queries += 1
+                try:
+                    rows = src.execute(query, (lo, hi)).fetchall()
+                except sqlite3.Error:
+                    if lo == hi or queries > _SALVAGE_MAX_QUERIES or hi - lo > _SALVAGE_GIVE_UP_SEQS:
+                        unreadable += hi - lo + 1
+                        continue
+                    mid = (lo + hi) // 2
+                    ranges += [(mid + 1, hi), (lo, mid)]  # low half first
+                    continue
+                if rows:
+                    with self.transaction():
+                        conn.executemany(
+                            "INSERT INTO events (seq, type, subject, size, body, priority, "
+                            "time, appended, crc) VALUES (?, ?, ?, ?, ?, coalesce(?, 1), ?, "
+                            "coalesce(?, strftime('%s', 'now')), ?)", rows)
+                    copied += len(rows)
+            for table, columns in (("drops", 6), ("mapper_state", 3)):
+                try:
+                    extra = src.execute(f"SELECT * FROM {table}").fetchall()
+                except sqlite3.Error:
+                    continue
+                if extra and all(len(r) == columns for r in extra):
+                    with self.transaction():
+                        conn.executemany(f"INSERT OR REPLACE INTO {table} VALUES "
+                                         f"({', '.join('?' * columns)})", extra)
+        finally:
+            src.close()
+        self._recover_counts(self._conn())
+        return copied, unreadable
 
     def load_state(self) -> list[StateRow]:
         return self._conn().execute("SELECT key, fingerprint, state FROM mapper_state").fetchall()
@@ -660,6 +760,12 @@ class DiskBuffer:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._metrics.inc, "buffer_corrupt_total")
             self._store.open()
+            copied, unreadable = self._store.salvage(moved)
+            self._log.warning("buffer.salvaged", moved_to=str(moved), events=copied,
+                              unreadable_seqs_at_most=unreadable)
+            if copied:
+                self._loop.call_soon_threadsafe(self._metrics.inc, "buffer_salvaged_events_total",
+                                                copied)
 
     async def close(self) -> None:
         if self._executor is None:
@@ -711,7 +817,8 @@ class DiskBuffer:
                 self._drop_too_large(event, len(body))
                 refused.append((event.type, level, event.time))
                 continue
-            rows.append((event.type, event.subject, len(body), body, level, event.time, now))
+            rows.append((event.type, event.subject, len(body), body, level, event.time, now,
+                         zlib.crc32(body)))
         if rows or state or refused:
             await self._call(self._append_rows, rows, state, refused)
 
@@ -750,8 +857,15 @@ class DiskBuffer:
                           subject=event.subject, size=size, max_bytes=self._config.max_bytes)
 
     async def read(self, after_seq: int, limit: int) -> list[BufferedRecord]:
-        """Up to ``limit`` records with ``seq > after_seq``, oldest first."""
-        return await self._call(self._store.read, after_seq, limit)
+        """Up to ``limit`` records with ``seq > after_seq``, oldest first (fewer when some
+        failed their checksum: those are dropped, counted, ledgered and logged)."""
+        records, corrupt = await self._call(self._store.read, after_seq, limit)
+        if corrupt:
+            self._unreported = True
+            self._drop_gen += 1
+            self._metrics.inc("events_dropped_total", len(corrupt), reason="corrupt")
+            self._log.error("buffer.corrupt_events_dropped", seqs=corrupt[:20], count=len(corrupt))
+        return records
 
     async def expire(self, max_age_s: float | None = None) -> int:
         """Drop the events older than ``max_age_s`` (default: the configured ``max_age_s``;
@@ -787,7 +901,7 @@ class DiskBuffer:
             event = dropped_report(gateway_id, lines, now)
             body = event.encode()
             return (event.type, event.subject, len(body), body,
-                    self._config.priority_of(event.type), event.time, now)
+                    self._config.priority_of(event.type), event.time, now, zlib.crc32(body))
 
         gen = self._drop_gen
         reported = await self._call(self._store.report_drops, make)

@@ -72,7 +72,11 @@ Invariants:
   that went away at night as connected.
 - ``drain`` (shutdown) forwards until the buffer reads empty or its deadline; on the deadline
   in-flight batches are abandoned (they stay buffered) and it returns, it never raises.
-- Only a broken buffer (``BufferError``) ends ``run``: that is the daemon's to handle.
+- A delete that fails (the disk is full: SQLite needs room even to delete) is logged once
+  (``kafka.delete_failed``), counted (``buffer_delete_errors_total``) and retried with every
+  later delete and while idle; the events stay buffered meanwhile (a restart would re-send
+  them: duplicates, never loss). Any other broken buffer (``BufferError`` from a read) ends
+  ``run``: that is the daemon's to handle.
 
 Producer: ``acks`` (``all`` by default), the idempotent producer (``enable_idempotence``, on by
 default; it needs ``acks: all``; off for the Tansu test broker, which refuses it),
@@ -128,7 +132,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway import logs
+from gateway import errors, logs
 from gateway.buffer.disk import BufferedRecord, DiskBuffer
 from gateway.configbase import Strict
 from gateway.errors import SinkUnavailable
@@ -497,6 +501,8 @@ class KafkaForwarder:
         self._running = False
         self._probe_until = 0
         self._read_limit = config.max_in_flight_events
+        self._undeleted: list[int] = []
+        """Acknowledged seqs whose delete failed; retried with the next delete."""
         self._delivered = 0
         self.dead_letter_topic = self._legal(
             config.dead_letter_topic or topic_for(config.topic_template, DEAD_LETTER_TYPE, gateway_id))
@@ -688,6 +694,8 @@ class KafkaForwarder:
                     if until_empty:
                         return
                     cursor = max(cursor, newest)  # nothing after cursor: all up to newest is gone
+                    if self._undeleted:
+                        await self._delete_acked([])
                     if not await self._buffer.wait_for_records(cursor, IDLE_CHECK_S):
                         await self._check_reachable(producer)
                     continue
@@ -695,7 +703,7 @@ class KafkaForwarder:
                 if deleting is not None:
                     await deleting
                 self._account(outcome)
-                deleting = asyncio.ensure_future(self._buffer.delete(outcome.done))
+                deleting = asyncio.ensure_future(self._delete_acked(outcome.done))
                 if outcome.error is not None:
                     raise SinkUnavailable(f"send failed: {outcome.error!r}") from outcome.error
                 cursor = outcome.resume_after
@@ -703,6 +711,25 @@ class KafkaForwarder:
         finally:
             if deleting is not None:
                 await deleting
+
+    async def _delete_acked(self, seqs: Sequence[int]) -> None:
+        """Delete acknowledged records, and those whose delete failed before; a failure keeps
+        them for the next call instead of ending the forwarder."""
+        if self._undeleted:
+            seqs = [*self._undeleted, *seqs]
+        if not seqs:
+            return
+        try:
+            await self._buffer.delete(seqs)
+        except errors.BufferError as exc:
+            if not self._undeleted:
+                self._log.error("kafka.delete_failed", error=str(exc), events=len(seqs))
+            self._metrics.inc("buffer_delete_errors_total")
+            self._undeleted = list(seqs)
+            return
+        if self._undeleted:
+            self._log.info("kafka.delete_recovered", events=len(seqs))
+            self._undeleted = []
 
     def _within_bytes(self, records: list[BufferedRecord]) -> list[BufferedRecord]:
         """The leading records that fit in ``max_in_flight_bytes`` (at least one); sizes the
