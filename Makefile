@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint validate run bench clean brokers
+.PHONY: demo test faults lint validate run bench clean brokers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP) brokers
 
 test: $(STAMP) brokers
 	$(PY) -m pytest -q
+
+# Fault injection against the real daemon (tests/faults), the slow ones included (~6 min on 2 cores).
+faults: $(STAMP) brokers
+	$(PY) -m pytest -q -rxXs tests/faults -m faults
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests bench
