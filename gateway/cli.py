@@ -126,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="the newest N events instead of the oldest")
 
     b_stats = buf_sub.add_parser("stats", help="depth, bytes, oldest event and its age, "
-                                               "per-type counts, size on disk")
+                                               "per-type and per-priority counts, the drops "
+                                               "not yet reported, size on disk")
     buffer_args(b_stats)
     b_stats.add_argument("--json", action="store_true", help="print JSON")
     b_stats.add_argument("--by-subject", action="store_true", help="also count per subject")

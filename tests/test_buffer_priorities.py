@@ -108,6 +108,8 @@ async def test_the_ledger_survives_a_restart_and_becomes_one_report(tmp_path):
     buf, metrics = await opened(tmp_path, max_bytes=65_536, priorities=PRIORITIES)
     try:
         assert await buf.ledger() == ledger
+        # Kafka took the oldest half (the daemon reports only once there is room again)
+        await buf.delete([r.seq for r in (await buf.read(0, 100_000))[:30]])
         reported = await buf.report_drops("gw1")
         assert reported == sum(line[3] for line in ledger) and reported > 1
         assert await buf.ledger() == []
@@ -123,6 +125,26 @@ async def test_the_ledger_survives_a_restart_and_becomes_one_report(tmp_path):
         assert telemetry["first_time"] == "2023-11-14T22:13:20.000000Z"  # event 0's time
         assert lines[(BUSINESS, "event_too_large")]["count"] == 1
         assert metrics.value("drop_reports_total") == 1
+    finally:
+        await buf.close()
+
+
+async def test_a_report_into_a_full_buffer_makes_room_for_itself(tmp_path):
+    """The report is appended like any event: a full buffer drops by the usual rules for it,
+    and what that drops is in the next report."""
+    buf, _ = await opened(tmp_path, max_bytes=65_536, priorities=PRIORITIES)
+    try:
+        await buf.append(batch(TELEMETRY, 0, 90))  # more than fits: the first few dropped
+        room = 65_536 - buf.pending_bytes
+        filler = event(500, TELEMETRY, size=room - len(event(500, TELEMETRY, size=0).encode()))
+        await buf.append([filler])
+        assert buf.pending_bytes == 65_536  # exactly full
+        dropped = sum(line[3] for line in await buf.ledger())
+        assert await buf.report_drops("gw1") == dropped
+        assert buf.pending_bytes <= 65_536
+        again = await buf.ledger()
+        assert [(t, r) for t, r, _, _, _, _ in again] == [(TELEMETRY, "buffer_full_oldest")]
+        assert (await buf.read(0, 100_000))[-1].type == "gateway.EventsDropped.v1"
     finally:
         await buf.close()
 

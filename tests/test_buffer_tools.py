@@ -2,12 +2,14 @@
 
 The tools must read a buffer whose gateway runs (lock held, WAL live) or is stopped, without
 writing, creating a file or taking the lock, and must say clearly when there is no buffer (66)
-or the file is not one (73).
+or the file is not one (73). Format 2 adds per-priority figures, how long the oldest event has
+waited and the unreported drop ledger; a format-1 file is still read, without them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -17,21 +19,24 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway import errors
-from gateway.buffer import tools
+from gateway.buffer import disk, tools
 from gateway.buffer.disk import (
     APPLICATION_ID,
+    DROPPED_TYPE,
     FILE_NAME,
     FORMAT_VERSION,
     BufferConfig,
     DiskBuffer,
 )
-from gateway.buffer.tools import EX_NOINPUT, NoBuffer, Selection
+from gateway.buffer.tools import EX_NOINPUT, DropLine, Group, NoBuffer, Selection
 from gateway.cli import main
 from gateway.metrics import Metrics
 from gateway.model import DomainEvent, EventIds, rfc3339
@@ -45,6 +50,8 @@ OVEN = "acme/plant1/oven1"
 COUNT = "production.CountChanged.v1"
 STATE = "production.MachineStateChanged.v1"
 TEMP = "process.TemperatureChanged.v1"
+ALARM = "safety.EmergencyStop.v1"
+PRIORITIES: dict[str, Any] = {"process.*": "low", "safety.*": "high"}
 _ids = EventIds()
 
 
@@ -70,13 +77,16 @@ def mixed(count: int) -> list[DomainEvent]:
 class OpenBuffer:
     """A DiskBuffer kept open (flock held, WAL live) on a private loop, as a running gateway."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, **config: Any) -> None:
         self.loop = asyncio.new_event_loop()
-        self.buf = DiskBuffer(BufferConfig(directory=directory), Metrics())
+        self.buf = DiskBuffer(BufferConfig(directory=directory, **config), Metrics())
         self.loop.run_until_complete(self.buf.open())
 
-    def append(self, batch: list[DomainEvent]) -> None:
-        self.loop.run_until_complete(self.buf.append(batch))
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def append(self, batch: list[DomainEvent], state: Sequence[tuple[str, str, bytes]] = ()) -> None:
+        self.loop.run_until_complete(self.buf.append(batch, state))
 
     def delete(self, seqs: list[int]) -> None:
         self.loop.run_until_complete(self.buf.delete(seqs))
@@ -94,6 +104,20 @@ def write_buffer(directory: Path, batch: list[DomainEvent], delete: Sequence[int
         b.delete(list(delete))
     finally:
         b.close()
+
+
+class Clock:
+    """``time`` as gateway.buffer.disk sees it, with a ``time()`` the test sets (what the buffer
+    stamps as ``appended`` and what ``expire`` compares with); the rest is the real module."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -166,7 +190,188 @@ def test_stats_of_an_emptied_buffer_keeps_the_high_water(tmp_path: Path) -> None
     assert (stats.pending_events, stats.pending_bytes) == (0, 0)
     assert (stats.first_seq, stats.last_seq, stats.high_water_seq) == (None, None, 5)
     assert (stats.oldest_time, stats.oldest_age_s, stats.by_type) == (None, None, ())
-    assert "none pending (highest assigned 5)" in tools.render_stats(stats)
+    assert stats.by_priority == (Group("low", 0, 0), Group("normal", 0, 0), Group("high", 0, 0))
+    assert (stats.oldest_appended, stats.oldest_appended_age_s, stats.has_appended) == (
+        None, None, True)
+    assert (stats.drops, stats.dropped_unreported, stats.mapper_states) == ((), 0, 0)
+    data = stats.to_json()
+    assert (data["oldest_appended"], data["oldest_appended_age_s"]) == (None, None)
+    assert (data["dropped_unreported"], data["drops"]) == (0, [])
+    text = tools.render_stats(stats)
+    assert "none pending (highest assigned 5)" in text
+    assert "dropped     none unreported" in text
+    assert "waiting" not in text and "PRIORITY" not in text  # nothing waits
+
+
+# -- format 2: priorities, waiting time, the drop ledger -------------------------------------
+
+
+def expected_priorities(config: BufferConfig, records: list[Any]) -> dict[str, tuple[int, int]]:
+    out = {"low": (0, 0), "normal": (0, 0), "high": (0, 0)}
+    for r in records:
+        name = ("low", "normal", "high")[config.priority_of(r.type)]
+        n, b = out[name]
+        out[name] = (n + 1, b + len(r.body))
+    return out
+
+
+def ledger_lines(ledger: list[tuple[Any, ...]]) -> set[DropLine]:
+    return {DropLine(*line) for line in ledger}
+
+
+def test_stats_of_a_format_2_buffer_with_drops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Per-priority depth, the longest wait and the unreported ledger, read while the gateway
+    runs and after it stopped; then what a report and an expiry leave."""
+    clock = Clock(T0 + 10_000)
+    monkeypatch.setattr(disk, "time", clock)
+    config: dict[str, Any] = {"max_bytes": 65_536, "priorities": PRIORITIES, "sync": "off"}
+    live = OpenBuffer(tmp_path, **config)
+    try:
+        live.append([event(n, ALARM, pad=500) for n in range(3)])  # high, appended first
+        clock.now += 60
+        live.append([event(n, TEMP, OVEN, pad=500) for n in range(10, 50)])  # low
+        clock.now += 60
+        live.append([event(n, COUNT, pad=500) for n in range(100, 170)],  # normal: full,
+                    [("signal\tacme/plant1/press1\tcount", "fp", b"{}")])  # low ones go first
+        live.append([event(999, COUNT, pad=70_000)])  # larger than max_bytes
+        ledger = live.run(live.buf.ledger())
+        records = live.run(live.buf.read(0, 100_000))
+        assert {r.type for r in records} == {ALARM, TEMP, COUNT}  # some telemetry is left
+        now = clock.now + 3600
+        stats = tools.read_stats(tmp_path, now=now)  # through the live WAL
+
+        buffer_config = BufferConfig(directory=tmp_path, **config)
+        assert stats.format == 2 and stats.wal_bytes > 0
+        assert {g.key: (g.events, g.bytes) for g in stats.by_priority or ()} == (
+            expected_priorities(buffer_config, records))
+        assert [g.key for g in stats.by_priority or ()] == ["low", "normal", "high"]
+        assert (stats.pending_events, stats.pending_bytes) == (
+            live.buf.pending_events, live.buf.pending_bytes)
+        assert stats.oldest_appended == T0 + 10_000  # the alarms waited the longest
+        assert stats.oldest_appended_age_s == 3600 + 120
+        assert stats.drops is not None and set(stats.drops) == ledger_lines(ledger)
+        assert [line.count for line in stats.drops] == sorted(
+            (line.count for line in stats.drops), reverse=True)
+        dropped_temps = 40 - sum(r.type == TEMP for r in records)
+        assert ledger_lines(ledger) == {
+            DropLine(TEMP, "buffer_full_oldest", 0, dropped_temps, T0 + 10, T0 + 9 + dropped_temps),
+            DropLine(COUNT, "event_too_large", 1, 1, T0 + 999, T0 + 999)}
+        assert stats.dropped_unreported == dropped_temps + 1
+        assert stats.mapper_states == 1
+
+        data = stats.to_json()
+        assert data["by_priority"] == [
+            {"priority": k, "events": n, "bytes": b}
+            for k, (n, b) in expected_priorities(buffer_config, records).items()]
+        assert data["oldest_appended"] == rfc3339(T0 + 10_000)
+        assert data["oldest_appended_age_s"] == 3720.0
+        assert data["dropped_unreported"] == dropped_temps + 1
+        assert data["drops"][0] == {
+            "type": TEMP, "reason": "buffer_full_oldest", "priority": "low",
+            "count": dropped_temps, "first_time": rfc3339(T0 + 10),
+            "last_time": rfc3339(T0 + 9 + dropped_temps)}
+        assert data["drops"][1]["reason"] == "event_too_large"
+        assert data["mapper_states"] == 1
+
+        text = tools.render_stats(stats)
+        assert f"waiting     the longest 1h 2m (buffered {rfc3339(T0 + 10_000)})" in text
+        assert f"dropped     {dropped_temps + 1} events not yet reported" in text
+        assert "mapper      1 saved state\n" in text
+        rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line}
+        assert rows["PRIORITY"] == ["EVENTS", "BYTES"]
+        assert rows["high"] == ["3", f"{stats.by_priority[2].bytes:,}"]  # type: ignore[index]
+        table = text[text.index("dropped, not yet reported"):].splitlines()
+        assert table[1].split() == ["TYPE", "REASON", "PRIORITY", "COUNT", "FIRST", "TIME",
+                                    "LAST", "TIME"]
+        assert table[2].split() == [TEMP, "buffer_full_oldest", "low", str(dropped_temps),
+                                    rfc3339(T0 + 10), rfc3339(T0 + 9 + dropped_temps)]
+        assert table[3].split() == [COUNT, "event_too_large", "normal", "1", rfc3339(T0 + 999),
+                                    rfc3339(T0 + 999)]
+
+        # the report empties the ledger and is itself buffered, high (once Kafka made room)
+        clock.now += 5
+        counts = [r.seq for r in live.run(live.buf.read(0, 1000)) if r.type == COUNT]
+        live.run(live.buf.delete(counts[:5]))
+        before = tools.read_stats(tmp_path, now=clock.now).by_priority
+        assert before is not None
+        assert live.run(live.buf.report_drops("gw1")) == dropped_temps + 1
+        stats = tools.read_stats(tmp_path, now=clock.now)
+        assert (stats.drops, stats.dropped_unreported) == ((), 0)
+        assert stats.by_priority is not None
+        assert stats.by_priority[2].events == before[2].events + 1
+        report = tools.read_events(tmp_path, Selection(tail=True, limit=1))[0]
+        assert (report.type, report.priority, report.priority_name) == (DROPPED_TYPE, 2, "high")
+        text = tools.render_stats(stats)
+        assert "dropped     none unreported" in text and "dropped, not yet" not in text
+        capsys.readouterr()  # the buffer's log lines so far
+        assert main(["buffer", "inspect", "--dir", str(tmp_path), "--tail", "--limit", "1"]) == 0
+        assert capsys.readouterr().out.splitlines()[1].split()[-1] == "high"
+
+        # expire what was buffered first (the alarms): they land in the ledger, high
+        assert live.run(live.buf.expire(clock.now - (T0 + 10_030))) == 3
+        stats = tools.read_stats(tmp_path, now=clock.now)
+        assert stats.drops == (DropLine(ALARM, "expired", 2, 3, T0, T0 + 2),)
+        assert stats.oldest_appended == T0 + 10_060  # now the telemetry has waited longest
+        assert stats.by_priority is not None and stats.by_priority[2].events == 1
+        live_stats = stats
+    finally:
+        live.close()
+
+    stopped = tools.read_stats(tmp_path, now=clock.now)  # the clean copy, no WAL
+    assert stopped.wal_bytes == 0
+    for name in ("by_priority", "oldest_appended", "drops", "mapper_states", "pending_bytes"):
+        assert getattr(stopped, name) == getattr(live_stats, name), name
+
+
+def test_a_format_1_buffer_is_read_without_the_format_2_figures(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A buffer an older gateway left (no priority, appended, drops, mapper_state): the tools
+    read it as it is (they never upgrade it) and simply leave those figures out."""
+    batch = mixed(3)
+    with contextlib.closing(sqlite3.connect(tmp_path / FILE_NAME)) as conn:
+        conn.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT "
+                     "NULL, subject TEXT NOT NULL, size INTEGER NOT NULL, body BLOB NOT NULL)")
+        conn.executemany("INSERT INTO events (type, subject, size, body) VALUES (?, ?, ?, ?)",
+                         [(e.type, e.subject, len(e.encode()), e.encode()) for e in batch])
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        conn.execute("PRAGMA user_version=1")
+        conn.commit()
+    before = snapshot(tmp_path)
+
+    stats = tools.read_stats(tmp_path)
+    assert (stats.format, stats.pending_events, stats.last_seq) == (1, 3, 3)
+    assert (stats.by_priority, stats.oldest_appended, stats.oldest_appended_age_s) == (
+        None, None, None)
+    assert (stats.has_appended, stats.drops, stats.dropped_unreported, stats.mapper_states) == (
+        False, None, None, None)
+    data = stats.to_json()
+    assert not {"by_priority", "oldest_appended", "oldest_appended_age_s", "dropped_unreported",
+                "drops", "mapper_states"} & set(data)
+    assert data["pending_events"] == 3
+    text = tools.render_stats(stats)
+    for absent in ("PRIORITY", "waiting", "dropped", "mapper"):
+        assert absent not in text, absent
+    assert [(e.seq, e.priority, e.priority_name) for e in tools.read_events(tmp_path)] == [
+        (1, None, None), (2, None, None), (3, None, None)]
+    assert main(["buffer", "inspect", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == [
+        "SEQ", "TYPE", "SUBJECT", "TIME", "ID", "SIZE"]
+    assert main(["buffer", "stats", "--json", "--dir", str(tmp_path)]) == 0
+    assert "drops" not in json.loads(capsys.readouterr().out)
+    assert snapshot(tmp_path) == before  # still format 1: reading never upgrades
+
+
+def test_a_ledger_without_its_columns_is_left_out(tmp_path: Path) -> None:
+    """A ``drops`` table of another shape (a later format, say) is no reason to fail."""
+    write_buffer(tmp_path, mixed(2))
+    with contextlib.closing(sqlite3.connect(tmp_path / FILE_NAME)) as conn:
+        conn.execute("DROP TABLE drops")
+        conn.execute("CREATE TABLE drops (what TEXT)")
+        conn.commit()
+    stats = tools.read_stats(tmp_path)
+    assert (stats.pending_events, stats.drops) == (2, None)
+    assert stats.by_priority is not None and stats.by_priority[1].events == 2
 
 
 def test_a_stopped_buffer_is_left_byte_for_byte_alone(stopped: tuple[Path, list[DomainEvent]],
@@ -300,9 +505,9 @@ def test_inspect_renders_a_table_and_bodies(stopped: tuple[Path, list[DomainEven
     directory, pending = stopped
     assert main(["buffer", "inspect", "--dir", str(directory), "--limit", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["SEQ", "TYPE", "SUBJECT", "TIME", "ID", "SIZE"]
+    assert lines[0].split() == ["SEQ", "TYPE", "SUBJECT", "TIME", "ID", "SIZE", "PRIORITY"]
     assert lines[1].split() == ["4", COUNT, PRESS, rfc3339(T0 + 3), pending[0].id,
-                                str(len(pending[0].encode()))]
+                                str(len(pending[0].encode())), "normal"]
     assert len(lines) == 3
 
     assert main(["buffer", "inspect", "--dir", str(directory), "--tail", "--limit", "1",

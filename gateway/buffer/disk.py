@@ -393,15 +393,19 @@ class _Store:
     # -- operations ---------------------------------------------------------------------
 
     def append(self, rows: list[Row], max_bytes: int, when_full: str,
-               state: Sequence[StateRow] = (), refused: Sequence[Dropped] = ()) -> _Appended:
+               state: Sequence[StateRow] = (), refused: Sequence[Dropped] = (),
+               clear_ledger: bool = False) -> _Appended:
         """Insert ``rows`` (making room per the policy), write ``state`` and count ``refused``
-        (events the caller could not store: too large) in the ledger, in one transaction."""
+        (events the caller could not store: too large) in the ledger, in one transaction;
+        ``clear_ledger`` empties the ledger first (the rows report it)."""
         incoming = sum(r[2] for r in rows)
         need = self.pending_bytes + incoming - max_bytes
         reason = "buffer_full_oldest" if when_full == "drop_oldest" else "buffer_full_newest"
         dropped: list[Dropped] = []
         evicted = (0, 0)
         with self.transaction() as conn:
+            if clear_ledger:
+                conn.execute("DELETE FROM drops")
             if need > 0:
                 rows, evicted = self._make_room(conn, rows, need, when_full == "drop_oldest",
                                                 dropped)
@@ -500,22 +504,17 @@ class _Store:
             "SELECT type, reason, priority, count, first_time, last_time FROM drops "
             "ORDER BY type, reason").fetchall()
 
-    def report_drops(self, make: Callable[[list[LedgerRow]], Row]) -> int:
+    def report_drops(self, make: Callable[[list[LedgerRow]], Row], max_bytes: int,
+                     when_full: str) -> tuple[int, _Appended | None]:
         """Turn the ledger into one event (``make``) and clear it, in one transaction; the
-        event is appended like any other (it may itself have to make room). Returns the number
-        of dropped events reported (0: the ledger was empty, nothing appended)."""
+        event is appended like any other, making room by the same rules (what that drops is
+        ledgered for the next report). Returns the number of dropped events reported (0: the
+        ledger was empty, nothing appended) and the append's result."""
         lines = self.ledger()
         if not lines:
-            return 0
-        row = make(lines)
-        with self.transaction() as conn:
-            conn.execute("DELETE FROM drops")
-            conn.execute(_INSERT, row)
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-        self.pending_events += 1
-        self.pending_bytes += row[2]
-        self.last_seq = int(last)
-        return sum(line[3] for line in lines)
+            return 0, None
+        result = self.append([make(lines)], max_bytes, when_full, clear_ledger=True)
+        return sum(line[3] for line in lines), result
 
     def read(self, after_seq: int, limit: int) -> tuple[list[BufferedRecord], list[int]]:
         """Records after ``after_seq``; a record whose body no longer matches its CRC-32 (bit
@@ -904,13 +903,14 @@ class DiskBuffer:
                     self._config.priority_of(event.type), event.time, now, zlib.crc32(body))
 
         gen = self._drop_gen
-        reported = await self._call(self._store.report_drops, make)
+        reported, result = await self._call(self._store.report_drops, make,
+                                            self._config.max_bytes, self._config.when_full)
         if gen == self._drop_gen:
             self._unreported = False
+        if result is not None:
+            self._appended_done(result)  # the report, and what making room for it dropped
         if reported:
-            self._metrics.inc("buffer_appended_total")
             self._metrics.inc("drop_reports_total")
-            self._appended.set()
             self._log.info("buffer.drops_reported", dropped=reported)
         return reported
 

@@ -13,9 +13,14 @@ create a file there and never block the gateway:
   create the ``-shm``, so the database and its WAL are copied to a temporary directory and read
   there.
 
-Only the ``events`` columns ``seq, type, subject, size, body`` are read, by name: other tables
-and extra columns are ignored. A file is accepted when its ``application_id`` marks a gateway
-buffer and its ``events`` table has those columns, whatever its format version.
+Only the ``events`` columns ``seq, type, subject, size, body`` are required, and every column
+is read by name: other tables and extra columns are ignored. A file is accepted when its
+``application_id`` marks a gateway buffer and its ``events`` table has those columns, whatever
+its format version. What format 2 added is shown when the file has it, and is simply absent
+from the output when not (a format-1 file): the ``events`` columns ``priority`` (pending events
+and bytes per class, the PRIORITY column of ``inspect``) and ``appended`` (how long the oldest
+event has waited, what ``buffer.max_age_s`` limits), the ``drops`` ledger (what was dropped and
+not yet reported) and the ``mapper_state`` table (how many states are saved).
 
 Errors: a missing buffer file raises :class:`NoBuffer` (the command exits
 :data:`EX_NOINPUT`, 66); a file that is not a gateway buffer or cannot be read raises
@@ -40,13 +45,16 @@ from typing import IO, Any
 from urllib.parse import quote
 
 from gateway import errors
-from gateway.buffer.disk import APPLICATION_ID, FILE_NAME
+from gateway.buffer.disk import APPLICATION_ID, FILE_NAME, PRIORITY_LEVELS, PRIORITY_NAMES
+from gateway.model import representable, rfc3339
 
 EX_NOINPUT = 66
 """sysexits.h EX_NOINPUT: there is no buffer file to read."""
 
 COLUMNS = ("seq", "type", "subject", "size", "body")
-"""The ``events`` columns the tools read (by name; other columns are ignored)."""
+"""The ``events`` columns the tools need (by name; other columns are ignored)."""
+LEDGER_COLUMNS = ("type", "reason", "priority", "count", "first_time", "last_time")
+"""The ``drops`` columns the ledger figures read (format 2); without them there are none."""
 
 _CHUNK = 500
 """Rows per query when streaming: each query is one short read transaction."""
@@ -84,6 +92,12 @@ class StoredEvent:
     subject: str
     size: int
     body: bytes
+    priority: int | None = None
+    """0 low, 1 normal, 2 high (format 2); ``None`` when the file has no ``priority`` column."""
+
+    @property
+    def priority_name(self) -> str | None:
+        return None if self.priority is None else priority_name(self.priority)
 
     def envelope(self) -> dict[str, Any] | None:
         """The parsed CloudEvent, or ``None`` when the body is not a JSON object."""
@@ -101,6 +115,25 @@ class Group:
     key: str
     events: int
     bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DropLine:
+    """One line of the ``drops`` ledger: events of one type dropped for one reason and not yet
+    reported (``gateway.EventsDropped.v1``)."""
+
+    type: str
+    reason: str
+    priority: int
+    count: int
+    first_time: float | None
+    """The earliest event time (CloudEvent ``time``, Unix seconds) of the dropped events."""
+    last_time: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "reason": self.reason,
+                "priority": priority_name(self.priority), "count": self.count,
+                "first_time": _iso(self.first_time), "last_time": _iso(self.last_time)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +159,29 @@ class BufferStats:
     by_type: tuple[Group, ...]
     by_subject: tuple[Group, ...] | None = field(default=None)
     """Only when asked for (``--by-subject``)."""
+    by_priority: tuple[Group, ...] | None = field(default=None)
+    """Pending events and bytes per class, ``low``, ``normal``, ``high`` (zeros included; an
+    unknown level by its number after them); ``None`` without a ``priority`` column."""
+    oldest_appended: float | None = field(default=None)
+    """When the event that has waited longest was buffered (Unix seconds): ``min(appended)``;
+    ``None`` without an ``appended`` column or pending events."""
+    oldest_appended_age_s: float | None = field(default=None)
+    """Seconds from ``oldest_appended`` to now: what ``buffer.max_age_s`` limits."""
+    has_appended: bool = field(default=False)
+    """Whether the file has the ``appended`` column (then the two figures above are shown)."""
+    drops: tuple[DropLine, ...] | None = field(default=None)
+    """The ledger: dropped and not yet reported, the most first; ``None`` without it."""
+    mapper_states: int | None = field(default=None)
+    """Saved mapping-engine states; ``None`` without a ``mapper_state`` table."""
 
     @property
     def disk_bytes(self) -> int:
         return self.db_bytes + self.wal_bytes
+
+    @property
+    def dropped_unreported(self) -> int | None:
+        """The ledger total: events dropped and not yet reported (``None`` without a ledger)."""
+        return None if self.drops is None else sum(line.count for line in self.drops)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -142,7 +194,7 @@ class BufferStats:
             "high_water_seq": self.high_water_seq,
             "oldest_time": self.oldest_time,
             "newest_time": self.newest_time,
-            "oldest_age_s": None if self.oldest_age_s is None else round(self.oldest_age_s, 3),
+            "oldest_age_s": _round(self.oldest_age_s),
             "db_bytes": self.db_bytes,
             "wal_bytes": self.wal_bytes,
             "disk_bytes": self.disk_bytes,
@@ -150,11 +202,35 @@ class BufferStats:
         }
         if self.by_subject is not None:
             out["by_subject"] = [_group_json(g, "subject") for g in self.by_subject]
+        if self.by_priority is not None:
+            out["by_priority"] = [_group_json(g, "priority") for g in self.by_priority]
+        if self.has_appended:
+            out["oldest_appended"] = _iso(self.oldest_appended)
+            out["oldest_appended_age_s"] = _round(self.oldest_appended_age_s)
+        if self.drops is not None:
+            out["dropped_unreported"] = self.dropped_unreported
+            out["drops"] = [line.to_json() for line in self.drops]
+        if self.mapper_states is not None:
+            out["mapper_states"] = self.mapper_states
         return out
 
 
 def _group_json(group: Group, key: str) -> dict[str, Any]:
     return {key: group.key, "events": group.events, "bytes": group.bytes}
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
+
+
+def priority_name(level: int) -> str:
+    """``low``, ``normal``, ``high`` for 0, 1, 2; another level as its number."""
+    return PRIORITY_NAMES.get(level, str(level))
+
+
+def _iso(ts: float | None) -> str | None:
+    """RFC 3339 of Unix seconds (``None`` when absent or not representable)."""
+    return rfc3339(ts) if ts is not None and representable(ts) else None
 
 
 # -- opening read-only ----------------------------------------------------------------------
@@ -174,8 +250,34 @@ class BufferReader:
     def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
         self.path = path
         self._conn = conn
+        self.columns: frozenset[str] = frozenset()
+        """The ``events`` columns of the file."""
+        self.tables: frozenset[str] = frozenset()
         with _sqlite_errors(path):
             self.format = self._check_format()
+            self.tables = frozenset(str(row[0]) for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"))
+            self._ledger = (
+                "drops" in self.tables
+                and set(LEDGER_COLUMNS) <= self._table_columns("drops"))
+
+    @property
+    def has_priority(self) -> bool:
+        """Whether events carry a priority class (format 2)."""
+        return "priority" in self.columns
+
+    @property
+    def has_appended(self) -> bool:
+        """Whether events carry the time they were buffered (format 2)."""
+        return "appended" in self.columns
+
+    @property
+    def has_ledger(self) -> bool:
+        """Whether the file has the ``drops`` ledger (format 2)."""
+        return self._ledger
+
+    def _table_columns(self, table: str) -> set[str]:
+        return {str(row[1]) for row in self._conn.execute(f"PRAGMA table_info({table})")}
 
     def _check_format(self) -> int:
         conn = self._conn
@@ -185,17 +287,19 @@ class BufferReader:
             raise errors.BufferError(
                 f"{self.path} is a SQLite database but not a gateway buffer "
                 f"(application_id {app_id:#x}, expected {APPLICATION_ID:#x})")
-        columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(events)")}
+        columns = self._table_columns("events")
         missing = [c for c in COLUMNS if c not in columns]
         if missing:
             what = "has no events table" if not columns else f"lacks events.{', '.join(missing)}"
             raise errors.BufferError(
                 f"{self.path}: unknown buffer format {version}: the file {what}")
+        self.columns = frozenset(columns)
         return version
 
     def stats(self, *, by_subject: bool = False, now: float | None = None) -> BufferStats:
-        """Depth, bytes, seq range, oldest/newest event time, per-type (and per-subject) counts,
-        all from one consistent snapshot."""
+        """Depth, bytes, seq range, oldest/newest event time, per-type (and per-subject) counts
+        and, when the file has them (format 2), per-priority counts, the oldest append time and
+        the drop ledger, all from one consistent snapshot."""
         conn = self._conn
         with _sqlite_errors(self.path):
             conn.execute("BEGIN")  # one read snapshot for every figure
@@ -208,12 +312,19 @@ class BufferReader:
                 newest = self._body("SELECT body FROM events ORDER BY seq DESC LIMIT 1")
                 by_type = self._groups("type")
                 subjects = self._groups("subject") if by_subject else None
+                by_priority = self._priorities() if self.has_priority else None
+                first_appended = (conn.execute("SELECT min(appended) FROM events").fetchone()[0]
+                                  if self.has_appended else None)
+                drops = self._drops() if self.has_ledger else None
+                states = (int(conn.execute("SELECT count(*) FROM mapper_state").fetchone()[0])
+                          if "mapper_state" in self.tables else None)
             finally:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")  # a read transaction: nothing to commit
         oldest_time, newest_time = _event_time(oldest), _event_time(newest)
         oldest_ts = _parse_time(oldest_time)
         now = time.time() if now is None else now
+        appended = _number(first_appended)
         db_bytes, wal_bytes = _size(self.path), _size(_side(self.path, "-wal"))
         return BufferStats(
             path=self.path, format=self.format, pending_events=int(count),
@@ -221,7 +332,10 @@ class BufferReader:
             high_water_seq=high_water if high_water is not None else last,
             oldest_time=oldest_time, newest_time=newest_time,
             oldest_age_s=None if oldest_ts is None else now - oldest_ts,
-            db_bytes=db_bytes, wal_bytes=wal_bytes, by_type=by_type, by_subject=subjects)
+            db_bytes=db_bytes, wal_bytes=wal_bytes, by_type=by_type, by_subject=subjects,
+            by_priority=by_priority, oldest_appended=appended,
+            oldest_appended_age_s=None if appended is None else now - appended,
+            has_appended=self.has_appended, drops=drops, mapper_states=states)
 
     def _high_water(self) -> int | None:
         try:
@@ -234,6 +348,24 @@ class BufferReader:
     def _body(self, sql: str) -> bytes | None:
         row = self._conn.execute(sql).fetchone()
         return None if row is None else _bytes(row[0])
+
+    def _priorities(self) -> tuple[Group, ...]:
+        """Every class (zeros included), then levels this gateway does not know, if any."""
+        found: dict[str, tuple[int, int]] = {}
+        for level, n, b in self._conn.execute(
+                "SELECT priority, count(*), coalesce(sum(size), 0) FROM events "
+                "GROUP BY priority ORDER BY priority"):
+            found[_level_name(level)] = (int(n), int(b))
+        known = [PRIORITY_NAMES[level] for level in sorted(PRIORITY_NAMES)]
+        names = [*known, *(name for name in found if name not in PRIORITY_LEVELS)]
+        return tuple(Group(name, *found.get(name, (0, 0))) for name in names)
+
+    def _drops(self) -> tuple[DropLine, ...]:
+        rows = self._conn.execute(
+            f"SELECT {', '.join(LEDGER_COLUMNS)} FROM drops "
+            "ORDER BY count DESC, type, reason").fetchall()
+        return tuple(DropLine(str(t), str(reason), _level(level), int(n), _number(lo), _number(hi))
+                     for t, reason, level, n, lo, hi in rows)
 
     def _groups(self, column: str) -> tuple[Group, ...]:
         rows = self._conn.execute(
@@ -265,14 +397,15 @@ class BufferReader:
             ).fetchone()
             if row is not None:
                 start = int(row[0]) - 1
-        columns = ", ".join(COLUMNS)
+        columns = ", ".join((*COLUMNS, "priority" if self.has_priority else "NULL"))
         while remaining is None or remaining > 0:
             n = _CHUNK if remaining is None else min(_CHUNK, remaining)
             rows = conn.execute(
                 f"SELECT {columns} FROM events WHERE seq > ? AND seq <= ?{where} "
                 "ORDER BY seq LIMIT ?", (start, upper, *params, n)).fetchall()
-            for seq, type_, subject, size, body in rows:
-                yield StoredEvent(int(seq), str(type_), str(subject), int(size), _bytes(body))
+            for seq, type_, subject, size, body, level in rows:
+                yield StoredEvent(int(seq), str(type_), str(subject), int(size), _bytes(body),
+                                  None if level is None else _level(level))
             if len(rows) < n:
                 return
             start = int(rows[-1][0])
@@ -394,6 +527,23 @@ def _bytes(value: object) -> bytes:
     return str(value).encode()  # a TEXT body (or anything else SQLite holds): its UTF-8
 
 
+def _level(value: object) -> int:
+    """A stored priority level (a level that is not an integer reads as -1: unknown)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+def _level_name(value: object) -> str:
+    level = _level(value)
+    return "?" if level == -1 else priority_name(level)
+
+
+def _number(value: object) -> float | None:
+    """A REAL column's value as a float (``None`` for NULL or anything not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 def _event_time(body: bytes | None) -> str | None:
     if body is None:
         return None
@@ -457,30 +607,60 @@ def render_stats(stats: BufferStats) -> str:
                      f"(highest assigned {stats.high_water_seq})")
         lines.append(f"oldest      {stats.oldest_time or '?'}{_ago(stats.oldest_age_s)}")
         lines.append(f"newest      {stats.newest_time or '?'}")
+        if stats.has_appended:
+            lines.append(f"waiting     {_waited(stats.oldest_appended_age_s)} "
+                         f"(buffered {_iso(stats.oldest_appended) or '?'})")
     elif stats.high_water_seq is not None:
         lines.append(f"seq         none pending (highest assigned {stats.high_water_seq})")
+    if stats.drops is not None:
+        total = stats.dropped_unreported or 0
+        lines.append(f"dropped     {total:,} event{'s' if total != 1 else ''} not yet reported"
+                     if total else "dropped     none unreported")
+    if stats.mapper_states is not None:
+        lines.append(f"mapper      {stats.mapper_states:,} saved state"
+                     f"{'s' if stats.mapper_states != 1 else ''}")
     lines.append(f"on disk     {_human_bytes(stats.disk_bytes, exact=False)} (database "
                  f"{_human_bytes(stats.db_bytes, exact=False)} + WAL "
                  f"{_human_bytes(stats.wal_bytes, exact=False)})")
+    if stats.by_priority is not None and stats.pending_events:
+        lines.append("")
+        lines.extend(_table(["PRIORITY", "EVENTS", "BYTES"],
+                            [[g.key, f"{g.events:,}", f"{g.bytes:,}"] for g in stats.by_priority],
+                            right={1, 2}))
     for title, groups in (("TYPE", stats.by_type), ("SUBJECT", stats.by_subject)):
         if groups:
             lines.append("")
             lines.extend(_table([title, "EVENTS", "BYTES"],
                                 [[g.key, f"{g.events:,}", f"{g.bytes:,}"] for g in groups],
                                 right={1, 2}))
+    if stats.drops:
+        lines.append("")
+        lines.append("dropped, not yet reported (gateway.EventsDropped.v1):")
+        lines.extend(_table(
+            ["TYPE", "REASON", "PRIORITY", "COUNT", "FIRST TIME", "LAST TIME"],
+            [[d.type, d.reason, priority_name(d.priority), f"{d.count:,}",
+              _iso(d.first_time) or "?", _iso(d.last_time) or "?"] for d in stats.drops],
+            right={3}))
     return "\n".join(lines)
 
 
 def render_events(events: list[StoredEvent], *, body: bool = False) -> str:
+    """A table of the events (PRIORITY too when the file has it: format 2), with ``body``
+    each event's JSON under its line."""
     if not events:
         return "no events"
+    prioritized = any(e.priority is not None for e in events)
     rows, envelopes = [], []
     for e in events:
         env = e.envelope()
         envelopes.append(env)
-        rows.append([str(e.seq), e.type, e.subject, _str((env or {}).get("time")),
-                     _str((env or {}).get("id")), str(e.size)])
-    lines = _table(["SEQ", "TYPE", "SUBJECT", "TIME", "ID", "SIZE"], rows, right={0, 5})
+        row = [str(e.seq), e.type, e.subject, _str((env or {}).get("time")),
+               _str((env or {}).get("id")), str(e.size)]
+        if prioritized:
+            row.append(_str(e.priority_name))
+        rows.append(row)
+    header = ["SEQ", "TYPE", "SUBJECT", "TIME", "ID", "SIZE"]
+    lines = _table([*header, "PRIORITY"] if prioritized else header, rows, right={0, 5})
     if not body:
         return "\n".join(lines)
     out = [lines[0]]
@@ -523,6 +703,15 @@ def _ago(age_s: float | None) -> str:
     if age_s < 0:
         return f" (in {_duration(-age_s)}: clock skew?)"
     return f" ({_duration(age_s)} ago)"
+
+
+def _waited(age_s: float | None) -> str:
+    """How long the longest-waiting event has waited (what ``buffer.max_age_s`` limits)."""
+    if age_s is None:
+        return "?"
+    if age_s < 0:
+        return f"? (buffered in {_duration(-age_s)}: clock skew?)"
+    return f"the longest {_duration(age_s)}"
 
 
 def _duration(seconds: float) -> str:
