@@ -46,7 +46,8 @@ def real_kafka() -> bool:
 
 class TcpProxy:
     """A TCP forwarder on its own thread and loop; ``cut()`` drops every connection and refuses
-    new ones, ``restore()`` accepts again. Models a lost uplink without touching the broker."""
+    new ones, ``restore()`` accepts again (a lost uplink, without touching the broker);
+    ``stall()`` / ``release()`` hold every byte instead (a hung link)."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -54,6 +55,8 @@ class TcpProxy:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def __enter__(self) -> TcpProxy:
@@ -95,7 +98,23 @@ class TcpProxy:
             w.transport.abort()
         self._writers.clear()
 
+    def stall(self) -> None:
+        """Connections stay open and new ones are accepted, but no byte moves either way until
+        :meth:`release`; then what was held flows on (TCP keeps it, as a link that stopped and
+        came back would). Models a black-holed route or a hung middlebox: silence, no error."""
+        self._call(self._set_flowing(False))
+
+    def release(self) -> None:
+        self._call(self._set_flowing(True))
+
+    async def _set_flowing(self, flowing: bool) -> None:
+        if flowing:
+            self._flowing.set()
+        else:
+            self._flowing.clear()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()  # a stalled link does not even reach the other side
         try:
             up_r, up_w = await asyncio.open_connection(*self.target)
         except OSError:
@@ -105,7 +124,12 @@ class TcpProxy:
 
         async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:
-                while data := await r.read(65536):
+                while True:
+                    await self._flowing.wait()
+                    data = await r.read(65536)
+                    if not data:
+                        break
+                    await self._flowing.wait()  # read before the stall: held until release
                     w.write(data)
                     await w.drain()
             except (OSError, asyncio.CancelledError):
@@ -314,67 +338,3 @@ def counting_gateway(tmp_path: Path, mqtt_port: int, bootstrap: str, prefix: str
                           topic_template=f"{prefix}.{{type}}", mappings=mappings,
                           state=tmp_path / "state")
     return config, mappings
-
-
-# -- a proxy that can stall as well as cut ------------------------------------------------------
-
-
-class StallingProxy(TcpProxy):
-    """A :class:`TcpProxy` that can also ``stall()``: connections stay open and new ones are
-    accepted, but no byte moves either way until ``release()``; then what was held flows on
-    (TCP keeps it, as a link that stopped and came back would). Models a black-holed route
-    or a hung middlebox, where the client sees no error, only silence."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        super().__init__(target_host, target_port)
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-
-    def stall(self) -> None:
-        self._call(self._set_flowing(False))
-
-    def release(self) -> None:
-        self._call(self._set_flowing(True))
-
-    async def _set_flowing(self, flowing: bool) -> None:
-        if flowing:
-            self._flowing.set()
-        else:
-            self._flowing.clear()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._flowing.wait()  # a stalled link does not even reach the other side
-        try:
-            up_r, up_w = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.update((writer, up_w))
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                while True:
-                    await self._flowing.wait()
-                    data = await r.read(65536)
-                    if not data:
-                        break
-                    await self._flowing.wait()  # read before the stall: held until release
-                    w.write(data)
-                    await w.drain()
-            except (OSError, asyncio.CancelledError):
-                pass
-            finally:
-                w.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
-        self._writers.discard(writer)
-        self._writers.discard(up_w)
-
-
-@contextlib.contextmanager
-def tansu_behind_stalling_proxy() -> Iterator[tuple[str, StallingProxy]]:
-    """:func:`tansu_behind_proxy` with a :class:`StallingProxy` (cut, restore, stall, release)."""
-    broker_port = free_port()
-    proxy = StallingProxy("127.0.0.1", broker_port)
-    with proxy, tansu(broker_port, advertised_port=proxy.port):
-        yield f"127.0.0.1:{proxy.port}", proxy

@@ -29,7 +29,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests import support
-from tests.support import GatewayProcess, StallingProxy, TcpProxy
+from tests.support import GatewayProcess, TcpProxy
 
 Figures = Callable[..., str]
 """The ``figures`` fixture (tests/faults/conftest.py): records a test's one-line summary."""
@@ -102,7 +102,7 @@ class Rig:
     machines: list[str]
     publish_port: int
     bootstrap: str
-    kafka_proxy: StallingProxy | None
+    kafka_proxy: TcpProxy | None
     mqtt_proxy: TcpProxy | None
     config: Path
     state: Path
@@ -186,7 +186,7 @@ def rig(tmp_path: Path, machines: list[str], *, needs_kafka_proxy: bool = False,
         if support.real_kafka():
             bootstrap, kproxy = os.environ[support.KAFKA_ENV], None
         else:
-            bootstrap, kproxy = stack.enter_context(support.tansu_behind_stalling_proxy())
+            bootstrap, kproxy = stack.enter_context(support.tansu_behind_proxy())
         config = write_fault_config(tmp_path / "gw.yaml", mqtt_port=gw_mqtt_port,
                                     bootstrap=bootstrap, prefix=prefix, mappings=mappings,
                                     state=state, kafka=kafka, buffer=buffer)
