@@ -34,9 +34,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests bench
 	$(VENV)/bin/mypy
 
+# Benchmarks print figures (ratios within one run); bench_durability without --quick takes ~11 min.
 bench: $(STAMP) brokers
 	$(PY) -m bench.bench_e2e
 	$(PY) bench/bench_buffer.py
+	$(PY) -m bench.bench_mapping --quick
+	$(PY) -m bench.bench_durability --quick
 
 validate: $(STAMP)
 	$(VENV)/bin/digispine-gateway validate
