@@ -272,7 +272,7 @@ def test_signal_needs_exactly_one_address_block(tmp_path: Path) -> None:
     )
     (only,) = findings(tmp_path)
     assert (
-        ":10:3 signals.temperature: a signal needs exactly one address block (mqtt), found none"
+        ":10:3 signals.temperature: a signal needs exactly one address block (mqtt, opcua, modbus), found none"
         in only
     )
 
@@ -403,21 +403,6 @@ def test_unknown_connection_lists_the_known_ones(tmp_path: Path) -> None:
             f"'plant_mqtt'?); connections of the gateway config: hall_b, plant_mqtt"
         )
     ]
-
-
-@pytest.mark.parametrize(("protocol", "title"), [("opcua", "OPC UA"), ("modbus", "Modbus")])
-def test_connection_without_a_source_yet_is_refused(
-    tmp_path: Path, protocol: str, title: str
-) -> None:
-    """Signals on OPC UA and Modbus connections are refused until those sources exist."""
-    write(tmp_path, "m.yaml", MINIMAL)
-    found = findings(tmp_path, {"plant_mqtt": protocol})
-    assert len(found) == 2
-    assert (
-        f"signals.state.connection: connection 'plant_mqtt' uses {title}: {title} sources "
-        f"arrive in a later release; only mqtt connections can be mapped in this version"
-        in found[0]
-    )
 
 
 def test_address_block_must_match_the_connection_protocol(
@@ -1066,7 +1051,7 @@ def test_every_error_in_every_file_is_reported_at_once(tmp_path: Path) -> None:
     assert [f.split(" ", 1)[0] for f in found] == [
         f"{a}:13:11",
         f"{a}:17:5",
-        f"{b}:7:17",
+        f"{b}:8:5",  # an mqtt block on an OPC UA connection
         f"{c}:3:1",
     ]
 
@@ -1136,7 +1121,8 @@ def test_json_schema_documents_every_field() -> None:
         for key, prop in model.get("properties", {}).items():
             assert prop.get("description"), f"{name}.{key} has no description"
     signal = schema["$defs"]["SignalSpec"]
-    assert signal["oneOf"] == [{"required": ["mqtt"]}]
+    assert signal["oneOf"] == [{"required": ["mqtt"]}, {"required": ["opcua"]},
+                               {"required": ["modbus"]}]
     assert signal["properties"]["mqtt"]["$ref"] == "#/$defs/MqttAddress"
     assert schema["properties"]["version"]["const"] == 1
 

@@ -34,7 +34,9 @@ from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 from gateway.sinks.kafka import KafkaForwarder
 from gateway.sources.base import Source
+from gateway.sources.modbus import ModbusConnectionConfig, ModbusSource
 from gateway.sources.mqtt import MqttConnectionConfig, MqttSource
+from gateway.sources.opcua import OpcUaConnectionConfig, OpcUaSource
 from gateway.trace import Recorder
 
 SHUTDOWN_FLUSH_S = 10.0
@@ -53,6 +55,16 @@ def build_sources(settings: GatewaySettings, mapper: Mapper, metrics: Metrics) -
         if isinstance(conn, MqttConnectionConfig):
             client_id = conn.client_id or f"{settings.gateway.id}-{name}"
             sources.append(MqttSource(name, conn, addresses, client_id, metrics))
+        elif isinstance(conn, OpcUaConnectionConfig):
+            # The PKI (the gateway's own certificate, generated once) is state: it lives under
+            # the buffer's state directory unless pki_dir is absolute.
+            pki = (conn.pki_dir if conn.pki_dir.is_absolute()
+                   else settings.buffer.directory / conn.pki_dir)
+            sources.append(OpcUaSource(
+                name, conn, addresses, metrics, pki_dir=pki,
+                application_uri=f"urn:digispine:edge-gateway:{settings.gateway.id}"))
+        elif isinstance(conn, ModbusConnectionConfig):
+            sources.append(ModbusSource(name, conn, addresses, metrics))
         else:  # the mapping loader refuses these already; keep the daemon honest regardless
             raise ConfigError([Finding("config", None, None, f"connections.{name}",
                                        f"protocol {conn.protocol} has no source in this version")])

@@ -48,11 +48,13 @@ from gateway.mapping import spec
 from gateway.mapping.contracts import Contract, check_event, load_contracts
 from gateway.mapping.expr import CompiledExpr, ExprError, ResultKind, Variable, compile_expr
 from gateway.mapping.spec import MappingSpec, SignalSpec
+from gateway.sources.modbus import signal_type_problem
+from gateway.sources.opcua import OpcUaAddress
 
 SUFFIXES = (".yaml", ".yml")
 CONTRACTS_DIRECTORY = "contracts"
 """The subdirectory of the mapping directory holding the event type contracts."""
-SUPPORTED_PROTOCOLS = frozenset({"mqtt"})
+SUPPORTED_PROTOCOLS = frozenset({"mqtt", "opcua", "modbus"})
 """Protocols whose sources exist in this version; signals on other connections are refused."""
 PROTOCOL_TITLES = {"mqtt": "MQTT", "opcua": "OPC UA", "modbus": "Modbus"}
 
@@ -491,7 +493,43 @@ def _lint_connection(
             f"'{signal.protocol}' address block; use a '{protocol}' block"
         )
         return [located.finding(["signals", name, signal.protocol], message)]
+    if signal.opcua is not None:
+        return _lint_opcua(name, signal, signal.opcua, located)
+    if signal.modbus is not None:
+        problem = signal_type_problem(signal.modbus, signal.type)
+        if problem is not None:
+            return [located.finding(["signals", name, "type"], problem, at_value=True)]
     return []
+
+
+def _lint_opcua(
+    name: str, signal: SignalSpec, address: OpcUaAddress, located: yamlfile.Located
+) -> list[Finding]:
+    """What an OPC UA address block cannot check alone: a raw namespace index (fragile), a
+    deadband on a signal that is not a number."""
+    base: list[str | int] = ["signals", name, "opcua"]
+    out: list[Finding] = []
+    ref = address.node_ref
+    if ref is not None and ref.fragile and not address.allow_namespace_index:
+        message = (
+            f"node id '{address.node}' names its namespace by index {ref.namespace_index}: the "
+            f"server numbers its namespaces and the numbers can change when it restarts or its "
+            f"configuration changes, silently pointing the signal at another node; write the "
+            f"namespace URI (nsu=<uri>;{ref.kind}={ref.identifier}, the URIs are in the server's "
+            f"NamespaceArray) or set allow_namespace_index: true to accept the risk"
+        )
+        out.append(located.finding([*base, "node"], message, at_value=True))
+    if address.deadband is not None and (
+        signal.type not in spec.NUMERIC_TYPES or signal.enum is not None
+    ):
+        out.append(
+            located.finding(
+                [*base, "deadband"],
+                f"a deadband needs a numeric (float or integer) signal; "
+                f"{_typed(signal, name)}",
+            )
+        )
+    return out
 
 
 def _lint_event(

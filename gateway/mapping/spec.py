@@ -71,7 +71,9 @@ from pydantic import (
 
 from gateway.configbase import Strict
 from gateway.mapping.cases import MappingTest
+from gateway.sources.modbus import ModbusAddress
 from gateway.sources.mqtt import MqttAddress
+from gateway.sources.opcua import OpcUaAddress
 
 FORMAT_VERSION = 1
 """The only mapping format version this gateway reads."""
@@ -92,7 +94,9 @@ URI_PATTERN = r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s]+$"
 SignalType = Literal["string", "float", "integer", "boolean"]
 NUMERIC_TYPES: frozenset[str] = frozenset({"float", "integer"})
 
-PROTOCOL_BLOCKS: dict[str, type[Strict]] = {"mqtt": MqttAddress}
+PROTOCOL_BLOCKS: dict[str, type[Strict]] = {
+    "mqtt": MqttAddress, "opcua": OpcUaAddress, "modbus": ModbusAddress,
+}
 """Protocol name -> its address model; a signal field of the same name holds the block."""
 
 DATA_SOURCE_KINDS: tuple[str, ...] = (
@@ -142,8 +146,8 @@ AttributeName = Annotated[str, Field(pattern=NAME_PATTERN, examples=["line", "ma
 FieldName = Annotated[str, Field(pattern=FIELD_PATTERN, examples=["state", "previous_state"])]
 
 
-Address = MqttAddress
-"""Any protocol address block (a union once OPC UA and Modbus blocks join); each has ``.tag``,
+Address = MqttAddress | OpcUaAddress | ModbusAddress
+"""Any protocol address block; each has ``.tag``,
 the address as :attr:`gateway.model.Signal.tag` carries it."""
 
 
@@ -298,6 +302,12 @@ class SignalSpec(Strict):
     block of this signal."""
     mqtt: MqttAddress | None = None
     """Address of the value on an MQTT connection (topic and JSON paths)."""
+    opcua: OpcUaAddress | None = None
+    """Address of the value on an OPC UA connection: a node id with its namespace URI
+    (``node``) or a browse path from Objects (``path``), subscribed or polled."""
+    modbus: ModbusAddress | None = None
+    """Address of the value on a Modbus connection: unit, table and address (zero-based, or an
+    HMI reference such as 40001), the data type and its byte order."""
     type: SignalType = Field(examples=["float", "string"])
     """Type of the converted value: ``float`` and ``integer`` accept numbers and numeric
     strings; ``boolean`` accepts booleans, 0/1 and "true"/"false"; ``string`` accepts any
