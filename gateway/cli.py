@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check the config and every mapping file; exit 78 on errors")
     config_arg(val)
+    val.add_argument("--plan", action="store_true",
+                     help="also print the Modbus reads each connection will make (coalesced)")
     val.set_defaults(func=_validate)
 
     demo = sub.add_parser("demo", help="simulated shop floor + local MQTT and Kafka brokers + the gateway")
@@ -176,13 +178,37 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    _, files, path = _load(args.config)
+    settings, files, path = _load(args.config)
     signals = sum(len(f.spec.signals) for f in files)
     events = sum(len(f.spec.events) for f in files)
     print(f"{path}: ok")
     for f in files:
         print(f"{f.path}: ok ({len(f.spec.signals)} signals, {len(f.spec.events)} events)")
     print(f"valid: {len(files)} mapping file(s), {signals} signal(s), {events} event(s)")
+    if args.plan:
+        return _print_plans(settings, files)
+    return 0
+
+
+def _print_plans(settings: GatewaySettings, files: list[MappingFile]) -> int:
+    """The coalesced Modbus reads per connection (what ``run`` will ask the devices); exit
+    78 when a value cannot be read in one request."""
+    from gateway.mapping.engine import Mapper
+    from gateway.sources.modbus import ModbusConnectionConfig, describe_plan, plan
+
+    bindings = Mapper(files, settings.gateway.id).bindings()
+    shown = 0
+    for name, addresses in sorted(bindings.items()):
+        conn = settings.connections.get(name)
+        if isinstance(conn, ModbusConnectionConfig):
+            try:
+                print(describe_plan(name, plan(addresses, conn)))
+            except ValueError as exc:
+                print(f"digispine-gateway: connections.{name}: {exc}", file=sys.stderr)
+                return EX_CONFIG
+            shown += 1
+    if not shown:
+        print("plan: no Modbus connection is read by the mapping files")
     return 0
 
 
