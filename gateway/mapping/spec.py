@@ -69,7 +69,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.configbase import Strict
+from gateway.configbase import Strict, exactly_one_of
 from gateway.mapping.cases import MappingTest
 from gateway.sources.modbus import ModbusAddress
 from gateway.sources.mqtt import MqttAddress
@@ -260,20 +260,6 @@ def enum_states(signal: SignalSpec) -> list[str] | None:
     return list(dict.fromkeys(labels))
 
 
-def _exactly_one_of(schema: dict[str, Any], keys: tuple[str, ...]) -> None:
-    """JSON Schema for "exactly one of these optional keys": ``oneOf`` of ``required``, and the
-    keys shown without their ``null`` alternative (null means absent, never a useful value)."""
-    schema["oneOf"] = [{"required": [key]} for key in keys]
-    properties = schema.get("properties")
-    for key in keys:
-        prop = properties.get(key) if isinstance(properties, dict) else None
-        if not isinstance(prop, dict) or not isinstance(prop.get("anyOf"), list):
-            continue
-        kept = [alt for alt in prop.pop("anyOf") if alt != {"type": "null"}]
-        prop.pop("default", None)
-        prop.update(kept[0] if len(kept) == 1 and isinstance(kept[0], dict) else {"anyOf": kept})
-
-
 class Asset(Strict):
     """The asset this file describes: one file, one asset, one subject."""
 
@@ -294,7 +280,7 @@ class SignalSpec(Strict):
     """One value read from a connection, converted to ``type``."""
 
     model_config = ConfigDict(
-        json_schema_extra=lambda schema: _exactly_one_of(schema, tuple(PROTOCOL_BLOCKS))
+        json_schema_extra=exactly_one_of(tuple(PROTOCOL_BLOCKS))
     )
 
     connection: str = Field(pattern=CONNECTION_PATTERN, examples=["plant_mqtt"])
@@ -415,7 +401,7 @@ class Deadband(Strict):
     """How much a number must move before it counts as a change: exactly one key."""
 
     model_config = ConfigDict(
-        json_schema_extra=lambda schema: _exactly_one_of(schema, ("absolute", "percent"))
+        json_schema_extra=exactly_one_of(("absolute", "percent"))
     )
 
     absolute: PositiveNumber | None = Field(default=None, examples=[0.5, 2.0])
@@ -541,7 +527,7 @@ class ThresholdTrigger(Strict):
     again, with hysteresis; ``{trigger: crossing}`` is ``enter`` or ``leave``."""
 
     model_config = ConfigDict(
-        json_schema_extra=lambda schema: _exactly_one_of(schema, ("above", "below"))
+        json_schema_extra=exactly_one_of(("above", "below"))
     )
 
     kind: Literal["threshold"]

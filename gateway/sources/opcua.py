@@ -109,7 +109,7 @@ from pydantic import ConfigDict as _ConfigDict
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway import logs
-from gateway.configbase import Strict
+from gateway.configbase import Strict, exactly_one_of
 from gateway.errors import SourceUnavailable
 from gateway.metrics import Metrics
 from gateway.model import Quality, Signal, representable
@@ -289,25 +289,10 @@ def parse_browse_path(text: str) -> tuple[PathSegment, ...]:
         i = j + 1
 
 
-def _exactly_one(keys: tuple[str, ...]) -> Any:
-    """JSON Schema: exactly one of these optional keys (shown without their null alternative)."""
-    def extra(schema: dict[str, Any]) -> None:
-        schema["oneOf"] = [{"required": [key]} for key in keys]
-        properties = schema.get("properties")
-        for key in keys:
-            prop = properties.get(key) if isinstance(properties, dict) else None
-            if not isinstance(prop, dict) or not isinstance(prop.get("anyOf"), list):
-                continue
-            kept = [alt for alt in prop.pop("anyOf") if alt != {"type": "null"}]
-            prop.pop("default", None)
-            prop.update(kept[0] if len(kept) == 1 and isinstance(kept[0], dict) else {"anyOf": kept})
-    return extra
-
-
 class OpcUaDeadband(Strict):
     """A server-side deadband: changes smaller than this are not reported."""
 
-    model_config = _ConfigDict(json_schema_extra=_exactly_one(("absolute", "percent")))
+    model_config = _ConfigDict(json_schema_extra=exactly_one_of(("absolute", "percent")))
 
     absolute: float | None = Field(default=None, gt=0, allow_inf_nan=False, examples=[0.5])
     """Report a change only when it exceeds this amount, in the variable's unit."""
@@ -330,7 +315,7 @@ SUBSCRIPTION_ONLY = ("sampling_interval_ms", "queue_size", "discard_oldest", "de
 class OpcUaAddress(Strict):
     """Which OPC UA variable a signal reads, and how."""
 
-    model_config = _ConfigDict(json_schema_extra=_exactly_one(("node", "path")))
+    model_config = _ConfigDict(json_schema_extra=exactly_one_of(("node", "path")))
 
     node: str | None = Field(
         default=None,
