@@ -163,6 +163,9 @@ class MqttAddress(Strict):
         return self.topic if self.value_path is None else f"{self.topic}#{self.value_path}"
 
 
+DISCONNECT_FLUSH_S = 2.0
+"""On a clean stop, how long to let paho send the acknowledgements still queued before it
+closes the socket (stopping its thread at once would drop them: the broker would redeliver)."""
 CONNACK_TIMEOUT_S = 10.0
 """How long ``run`` waits for the broker's CONNACK once the TCP connection is up."""
 MATCH_CACHE_SIZE = 10_000
@@ -475,6 +478,8 @@ class _Link:
         self._subscribe_mids: dict[int, list[str]] = {}
         self._open_started = False
         self._open_done = threading.Event()
+        self._disconnected = threading.Event()
+        """Set by paho once the socket is closed, after what was queued (acks, DISCONNECT)."""
         self.client = self._new_client()
 
     def _new_client(self) -> Client:
@@ -621,6 +626,8 @@ class _Link:
         if self._open_started:
             self._open_done.wait()
         self.client.disconnect()
+        if self.connected:  # let the network thread write the queued PUBACKs and DISCONNECT;
+            self._disconnected.wait(DISCONNECT_FLUSH_S)  # loop_stop would drop them
         self.client.loop_stop()
 
     # -- paho callbacks, on the paho thread ---------------------------------------------------
@@ -674,6 +681,7 @@ class _Link:
     def _on_disconnect(self, _client: Client, _userdata: Any, _flags: DisconnectFlags,
                        reason_code: ReasonCode, _properties: Properties | None) -> None:
         self.subscribed = False
+        self._disconnected.set()
         if self._closing:
             return
         reason = str(reason_code)
