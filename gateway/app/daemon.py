@@ -174,7 +174,9 @@ class Daemon:
 
             def prepare() -> tuple[list[MappingFile], Mapper]:
                 files = load_mappings(self.settings.mappings.directory, protocols)
-                return files, Mapper(files, self.settings.gateway.id)
+                mapper = Mapper(files, self.settings.gateway.id)
+                mapper.state_fingerprints()  # hashes every definition: here, not on the loop
+                return files, mapper
 
             try:  # off the event loop: a thousand files must not stall the sources
                 files, mapper = await asyncio.to_thread(prepare)
