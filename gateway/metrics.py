@@ -15,7 +15,7 @@ Labels = tuple[tuple[str, str], ...]
 class Metrics:
     def __init__(self) -> None:
         self._counters: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
-        self._gauges: dict[str, Callable[[], float]] = {}
+        self._gauges: dict[str, dict[Labels, Callable[[], float]]] = defaultdict(dict)
         self._help: dict[str, str] = {}
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
@@ -29,19 +29,28 @@ class Metrics:
         """A counter summed over all its labels."""
         return sum(self._counters.get(name, {}).values())
 
-    def gauge(self, name: str, read: Callable[[], float], help_text: str = "") -> None:
-        self._gauges[name] = read
+    def gauge(self, name: str, read: Callable[[], float], help_text: str = "",
+              **labels: str) -> None:
+        """Register ``read`` as the gauge ``name`` with these labels (replacing an earlier
+        registration of the same series)."""
+        self._gauges[name][tuple(sorted(labels.items()))] = read
         if help_text:
             self._help[name] = help_text
+
+    def gauge_value(self, name: str, **labels: str) -> float | None:
+        """A gauge's current value for exactly these labels (None when not registered)."""
+        read = self._gauges.get(name, {}).get(tuple(sorted(labels.items())))
+        return None if read is None else read()
 
     def describe(self, name: str, help_text: str) -> None:
         self._help[name] = help_text
 
     def snapshot(self) -> dict[str, float]:
-        """Totals per counter and current gauge values, for logs and health."""
+        """Totals per counter and current gauge values (summed over labels), for logs and
+        health."""
         out = {name: self.total(name) for name in self._counters}
-        for name, read in self._gauges.items():
-            out[name] = read()
+        for name, series in self._gauges.items():
+            out[name] = sum(read() for read in series.values())
         return out
 
     def render(self) -> str:
@@ -52,11 +61,12 @@ class Metrics:
             lines.append(f"# TYPE {name} counter")
             for labels, value in sorted(series.items()):
                 lines.append(f"{name}{_fmt(labels)} {value:g}")
-        for name, read in sorted(self._gauges.items()):
+        for name, gauges in sorted(self._gauges.items()):
             if name in self._help:
                 lines.append(f"# HELP {name} {self._help[name]}")
             lines.append(f"# TYPE {name} gauge")
-            lines.append(f"{name} {read():g}")
+            for labels, read in sorted(gauges.items()):
+                lines.append(f"{name}{_fmt(labels)} {read():g}")
         return "\n".join(lines) + "\n"
 
 

@@ -84,8 +84,10 @@ class UaServer:
 
     def __init__(self, port: int | None = None, *, machines: int = 2, dummy_first: bool = False,
                  user_manager: Any = None, secure: tuple[Path, Path] | None = None,
-                 limits: dict[str, int] | None = None) -> None:
+                 limits: dict[str, int] | None = None,
+                 policies: list[ua.SecurityPolicyType] | None = None) -> None:
         self.port = port or free_port()
+        self.policies = policies or [ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt]
         self.machines = machines
         self.dummy_first = dummy_first
         self.user_manager = user_manager
@@ -106,7 +108,7 @@ class UaServer:
         if self.secure is None:
             server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         else:
-            server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+            server.set_security_policy(self.policies)
             await server.load_certificate(str(self.secure[0]))
             await server.load_private_key(str(self.secure[1]))
         if self.dummy_first:
@@ -711,6 +713,107 @@ async def test_basic256sha256_sign_and_encrypt_with_a_trusted_server(tmp_path: P
             f"(BadCertificateUntrusted) while opening the session: trust the gateway's "
             f"certificate {pki / 'own' / 'cert.der'} on the server, and check the security "
             f"policy and mode")
+
+
+SECURE_POLICIES = [(policy, mode) for policy in ("Basic256Sha256", "Aes128_Sha256_RsaOaep",
+                                                  "Aes256_Sha256_RsaPss")
+                   for mode in ("Sign", "SignAndEncrypt")]
+
+
+@pytest.mark.parametrize(("policy", "mode"), SECURE_POLICIES)
+async def test_every_security_policy_and_mode_with_user_and_password(
+        tmp_path: Path, policy: str, mode: str) -> None:
+    """A server offering all six secure endpoints; the gateway picks the configured one (the
+    server's session shows which) and reads values through it."""
+    cert, key = _server_certificate(tmp_path / "server")
+    pki = tmp_path / "pki"
+    (pki / "trusted").mkdir(parents=True)
+    shutil.copy(cert, pki / "trusted" / "server.der")
+    offered = [getattr(ua.SecurityPolicyType, f"{p.replace('_', '')}_{m}")
+               for p, m in SECURE_POLICIES]
+    async with serving(secure=(cert, key), user_manager=Users(), policies=offered) as server:
+        emit = Collector()
+        src = source(server.endpoint, [node("CNC-101", "State")], pki=pki, username="gateway",
+                     password="s3cret", security_policy=policy, security_mode=mode,
+                     allow_insecure=False)
+        async with running(src, emit):
+            await emit.until(lambda: emit.values(STATE) == ["Idle"])
+            await server.write("CNC-101/State", "Running")
+            await emit.until(lambda: "Running" in emit.values(STATE))
+            assert server.server is not None
+            channels = [conn.security_policy for conn in _server_connections(server.server)]
+        wanted = policy.replace("_", "")
+        assert any(type(c).__name__ == f"SecurityPolicy{wanted}" and c.Mode.name == mode
+                   for c in channels), [(type(c).__name__, c.Mode.name) for c in channels]
+
+
+class CertificateUsers:
+    """Accepts one user certificate (by its DER bytes) as the user 'operator'."""
+
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> User | None:
+        if isinstance(certificate, bytes) and certificate == self.der:  # the token's DER
+            return User(role=UserRole.User, name="operator")
+        return None
+
+
+async def test_x509_user_token(tmp_path: Path) -> None:
+    cert, key = _server_certificate(tmp_path / "server")
+    pki = tmp_path / "pki"
+    (pki / "trusted").mkdir(parents=True)
+    shutil.copy(cert, pki / "trusted" / "server.der")
+    user_cert, _ = _server_certificate(pki / "user", host="operator")
+    stranger_cert, stranger_key = _server_certificate(tmp_path / "stranger", host="stranger")
+    secure = {"security_policy": "Basic256Sha256", "allow_insecure": False}
+    users = CertificateUsers(user_cert.read_bytes())
+    async with serving(secure=(cert, key), user_manager=users) as server:
+        emit = Collector()
+        src = source(server.endpoint, [node("CNC-101", "State")], pki=pki,
+                     user_certificate=Path("user/server.der"),
+                     user_private_key=Path("user/server.pem"), **secure)
+        async with running(src, emit):
+            await emit.until(lambda: emit.values(STATE) == ["Idle"])
+        # A certificate the server does not map to a user: one line saying what to check.
+        stranger = source(server.endpoint, [node("CNC-101", "State")], pki=pki,
+                          user_certificate=stranger_cert, user_private_key=stranger_key,
+                          **secure)
+        with pytest.raises(SourceUnavailable) as caught:
+            await asyncio.wait_for(stranger.run(Collector()), 20)
+        assert str(caught.value).endswith(
+            f"the server refused the user certificate {stranger_cert} (BadUserAccessDenied) "
+            f"while opening the session: check that the server trusts this user certificate "
+            f"and maps it to a user")
+        # A missing key file: named, no traceback.
+        missing = source(server.endpoint, [node("CNC-101", "State")], pki=pki,
+                         user_certificate=Path("user/server.der"),
+                         user_private_key=Path("user/nope.pem"), **secure)
+        with pytest.raises(SourceUnavailable) as caught:
+            await asyncio.wait_for(missing.run(Collector()), 20)
+        assert f"cannot load the user private key {pki / 'user' / 'nope.pem'}: " \
+            in str(caught.value)
+
+
+@pytest.mark.parametrize(("fields", "words"), [
+    ({"user_certificate": "u.der"}, "needs both user_certificate and user_private_key"),
+    ({"user_certificate": "u.der", "user_private_key": "u.pem", "username": "x"},
+     "not both"),
+    ({"user_certificate": "u.der", "user_private_key": "u.pem", "security_policy": "None",
+      "allow_insecure": True}, "other than None"),
+])
+def test_x509_user_token_config_errors(fields: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        OpcUaConnectionConfig(protocol="opcua", endpoint="opc.tcp://h:4840", **fields)
+
+
+def _server_connections(server: Server) -> list[Any]:
+    """The server's open secure channels (asyncua keeps them on its binary server's
+    protocols)."""
+    bserver = server.bserver
+    assert bserver is not None
+    return [protocol.processor._connection for protocol in bserver.clients]
 
 
 # -- scale -------------------------------------------------------------------------------------

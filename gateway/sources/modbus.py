@@ -42,7 +42,7 @@ Fault isolation per unit
     due within ``timeout_ms`` (up to one backoff period), so a dead unit costs the others at most
     one timeout per backoff period; the other units keep their rate. When a probe is answered
     the unit is up again (``modbus.unit_recovered``) and all its reads run at once. The gauge
-    ``modbus_units_down`` counts the units down over all Modbus connections.
+    ``modbus_units_down{connection}`` counts the units down per connection.
 
 Configuration problems (exceptions 1, 2, 3)
     Illegal function, illegal data address and illegal data value are answers about the
@@ -64,8 +64,9 @@ Metrics
     ``modbus_requests_total{connection, result}`` (``ok``, ``timeout``, ``exception``,
     ``error``), ``modbus_exceptions_total{connection, code}``,
     ``modbus_registers_read_total{connection}``, ``modbus_bits_read_total{connection}``,
-    ``signals_received_total{connection}``, the gauges ``modbus_units_down``,
-    ``modbus_reads_stopped`` and ``modbus_connected``, and the poll timing above.
+    ``signals_received_total{connection}``, the gauges ``modbus_units_down{connection}``,
+    ``modbus_reads_stopped{connection}`` and ``modbus_connected{connection}``, and the poll
+    timing above.
 """
 
 from __future__ import annotations
@@ -618,12 +619,10 @@ def _shared(metrics: Metrics) -> _Shared:
     shared = _SHARED.get(metrics)
     if shared is None:
         shared = _SHARED[metrics] = _Shared()
-        metrics.gauge("modbus_units_down", lambda: float(sum(shared.down.values())),
-                      "Modbus units not answering (backed off), all connections")
-        metrics.gauge("modbus_reads_stopped", lambda: float(sum(shared.stopped.values())),
-                      "Modbus reads stopped as configuration problems (exceptions 1-3)")
-        metrics.gauge("modbus_connected", lambda: float(sum(shared.connected.values())),
-                      "Modbus connections that are open")
+        metrics.describe("modbus_units_down", "Modbus units not answering (backed off)")
+        metrics.describe("modbus_reads_stopped",
+                         "Modbus reads stopped as configuration problems (exceptions 1-3)")
+        metrics.describe("modbus_connected", "1 while the Modbus connection is open")
         metrics.gauge("modbus_poll_lag_seconds",
                       lambda: max((w.read() for w in shared.lag.values()), default=0.0),
                       "Worst delay of a Modbus read past its due time, last 1-2 minutes")
@@ -653,6 +652,13 @@ class ModbusSource:
         self._shared.down.setdefault(name, 0)
         self._shared.stopped.setdefault(name, 0)
         self._shared.connected.setdefault(name, False)
+        shared = self._shared
+        metrics.gauge("modbus_units_down", lambda: float(shared.down.get(name, 0)),
+                      connection=name)
+        metrics.gauge("modbus_reads_stopped", lambda: float(shared.stopped.get(name, 0)),
+                      connection=name)
+        metrics.gauge("modbus_connected", lambda: float(shared.connected.get(name, False)),
+                      connection=name)
         self._lag = self._shared.lag.setdefault(name, _LagWindow())
         self._marked_bad = False
         self._reported: set[tuple[int, str, int, int, int]] = set()

@@ -32,6 +32,14 @@ Subscriptions and polling
     subscription; the session then ends and is rebuilt.) What is still in that queue when the
     source is stopped is dropped: OPC UA has no redelivery.
 
+Events and alarms
+    An address with ``event_field`` reads a field of the events its node (a notifier: the
+    Server object or a machine) reports, of ``event_type`` and its subtypes (default
+    BaseEventType). The fields of one notifier and type share one monitored item whose
+    EventFilter selects each once, plus ``Time``; every event becomes signals of one Delivery,
+    stamped with the event's Time, ``EventId`` last (an ``on_change`` trigger on it fires once
+    per event and sees that event's other fields). Counted in ``opcua_events_total``.
+
 Quality, status and time
     A value's StatusCode gives its quality by its severity bits (good, uncertain, bad); the raw
     code is the Signal's ``status``. An item's queue overflowing on the server (the Overflow
@@ -58,8 +66,7 @@ Reconnect story
     raising, ``run`` emits one Delivery marking every signal of the connection BAD
     (BadCommunicationError, no value) so quality triggers fire; it does so once per outage, not
     per failed retry. ``opcua.connected`` and ``opcua.connection_lost`` are logged once per
-    transition; the gauge ``opcua_connected`` counts the OPC UA connections with a live session
-    (:class:`~gateway.metrics.Metrics` has no labelled gauges).
+    transition; the gauge ``opcua_connected{connection}`` is 1 while the session is live.
 
 Out-of-order values
     After a reconnect the server sends each item's current value, which may carry a source
@@ -137,6 +144,14 @@ class OpcUaConnectionConfig(Strict):
     """User name for user-token authentication (anonymous when absent)."""
     password: SecretStr | None = None
     """Password; from the environment or a credentials file."""
+    user_certificate: Path | None = Field(default=None, examples=["user/operator.der"])
+    """X.509 user token: the user's certificate (DER or PEM), relative to ``pki_dir``; needs
+    ``user_private_key`` and a security policy other than ``None``. Not with ``username``."""
+    user_private_key: Path | None = Field(default=None, examples=["user/operator.pem"])
+    """The private key (PEM or DER) of ``user_certificate``, relative to ``pki_dir``."""
+    user_private_key_password: SecretStr | None = None
+    """Password of an encrypted ``user_private_key``; from the environment or a credentials
+    file."""
     pki_dir: Path = Field(default=Path("pki"), examples=["pki", "/var/lib/digispine-gateway/pki"])
     """Certificate directory: ``own/`` (the gateway's certificate and key, generated once and
     kept), ``trusted/`` (server certificates, or their issuers, to accept) and ``rejected/``
@@ -171,7 +186,27 @@ class OpcUaConnectionConfig(Strict):
                 "security_policy None sends everything (the password too) in clear text and "
                 "accepts any server; set allow_insecure: true to allow it, or use Basic256Sha256"
             )
+        if (self.user_certificate is None) != (self.user_private_key is None):
+            raise ValueError("an X.509 user token needs both user_certificate and "
+                             "user_private_key")
+        if self.user_certificate is not None:
+            if self.username is not None:
+                raise ValueError("a session has one user token: username/password or "
+                                 "user_certificate, not both")
+            if self.security_policy == "None":
+                raise ValueError("an X.509 user token signs with the secure channel's policy: "
+                                 "it needs a security_policy other than None")
         return self
+
+    @property
+    def user(self) -> str | None:
+        """Who the session authenticates as, for messages: ``user 'name'``, ``the user
+        certificate <file>`` or None (anonymous)."""
+        if self.username is not None:
+            return f"user '{self.username}'"
+        if self.user_certificate is not None:
+            return f"the user certificate {self.user_certificate}"
+        return None
 
 
 # --- addresses --------------------------------------------------------------------------------
@@ -289,6 +324,15 @@ def parse_browse_path(text: str) -> tuple[PathSegment, ...]:
         i = j + 1
 
 
+def parse_field_path(text: str) -> tuple[PathSegment, ...]:
+    """Parse an event field's browse path, ``Message`` or ``ActiveState/Id`` (segments may be
+    qualified as in :func:`parse_browse_path`); ValueError says why not."""
+    try:
+        return parse_browse_path(f"{PATH_ROOT}/{text}")
+    except ValueError as exc:
+        raise ValueError(f"event_field: {exc}".replace(f"{PATH_ROOT}/", "")) from None
+
+
 class OpcUaDeadband(Strict):
     """A server-side deadband: changes smaller than this are not reported."""
 
@@ -310,6 +354,11 @@ class OpcUaDeadband(Strict):
 
 SUBSCRIPTION_ONLY = ("sampling_interval_ms", "queue_size", "discard_oldest", "deadband", "trigger")
 """The keys that apply to ``mode: subscribe`` only."""
+EVENT_UNUSED = ("sampling_interval_ms", "deadband", "trigger", "poll_interval_ms")
+"""The keys that have no meaning for an event field."""
+BASE_EVENT_TYPE = "i=2041"
+EVENT_QUEUE_SIZE = 1000
+"""The queue size of an event monitored item when no signal of it sets ``queue_size``."""
 
 
 class OpcUaAddress(Strict):
@@ -350,6 +399,21 @@ class OpcUaAddress(Strict):
     the source timestamp alone."""
     poll_interval_ms: int | None = Field(default=None, ge=10, examples=[1000])
     """Read period with ``mode: poll`` (required there)."""
+    event_field: str | None = Field(default=None,
+                                    examples=["Message", "Severity", "ActiveState/Id", "EventId"])
+    """Read a field of the OPC UA *events* that ``node``/``path`` (an Object whose
+    EventNotifier allows subscribing, e.g. the Server object ``i=2253`` or a machine) reports,
+    instead of a variable's value: the field's browse path relative to the event type
+    (``Message``, ``Severity``, ``SourceName``, ``ActiveState/Id``; a name outside the standard
+    namespace as ``<namespace URI>:Name``). Each event delivers all selected fields of the
+    same node and type together; ``EventId`` last, so an ``on_change`` trigger on an
+    ``EventId`` signal fires once per event and its data fields see that event's other
+    fields. A field the event does not carry is not delivered."""
+    event_type: str | None = Field(default=None,
+                                   examples=["i=2915", "nsu=urn:acme:machines;i=1002"])
+    """With ``event_field``: only events of this type (a node id, ``nsu=`` form; ``i=2915`` is
+    AlarmConditionType) or its subtypes, and the type whose fields ``event_field`` names.
+    Default: BaseEventType (``i=2041``), every event."""
 
     @field_validator("node")
     @classmethod
@@ -365,11 +429,35 @@ class OpcUaAddress(Strict):
             parse_browse_path(path)
         return path
 
+    @field_validator("event_field")
+    @classmethod
+    def _valid_field(cls, field: str | None) -> str | None:
+        if field is not None:
+            parse_field_path(field)
+        return field
+
+    @field_validator("event_type")
+    @classmethod
+    def _valid_event_type(cls, event_type: str | None) -> str | None:
+        if event_type is not None:
+            parse_node_id(event_type)
+        return event_type
+
     @model_validator(mode="after")
     def _consistent(self) -> OpcUaAddress:
         if (self.node is None) == (self.path is None):
             raise ValueError("an opcua address has exactly one of node (a node id) or path "
                              "(a browse path from Objects)")
+        if self.event_field is not None:
+            if self.mode == "poll":
+                raise ValueError("events are subscribed, never polled: event_field needs "
+                                 "mode: subscribe")
+            misplaced = [key for key in EVENT_UNUSED if key in self.model_fields_set]
+            if misplaced:
+                raise ValueError(f"{', '.join(misplaced)} apply to variable values, not to "
+                                 f"event fields")
+        elif self.event_type is not None:
+            raise ValueError("event_type needs event_field (which field of the events to read)")
         if self.mode == "poll":
             if self.poll_interval_ms is None:
                 raise ValueError("mode: poll needs poll_interval_ms")
@@ -394,13 +482,30 @@ class OpcUaAddress(Strict):
         return parse_browse_path(self.path) if self.path is not None else None
 
     @property
-    def tag(self) -> str:
-        """The canonical address: ``nsu=<uri>;s=...`` (``i=2258``, ``ns=2;s=...``) or
-        ``Objects/<seg>/<seg>``."""
+    def event_type_ref(self) -> NodeRef:
+        """The parsed ``event_type`` (BaseEventType when not given)."""
+        return parse_node_id(self.event_type or BASE_EVENT_TYPE)
+
+    @property
+    def notifier_tag(self) -> str:
+        """The canonical node or path alone: ``nsu=<uri>;s=...`` (``i=2258``, ``ns=2;s=...``)
+        or ``Objects/<seg>/<seg>``."""
         ref = self.node_ref
         if ref is not None:
             return ref.canonical
         return "/".join([PATH_ROOT, *(str(s) for s in self.segments or ())])
+
+    @property
+    def tag(self) -> str:
+        """The canonical address: the node or path (:attr:`notifier_tag`); for an event field
+        followed by ``#event:<field>`` (``#event(<type>):<field>`` with an ``event_type``)."""
+        base = self.notifier_tag
+        if self.event_field is None:
+            return base
+        field = "/".join(str(s) for s in parse_field_path(self.event_field))
+        if self.event_type is None:
+            return f"{base}#event:{field}"
+        return f"{base}#event({self.event_type_ref.canonical}):{field}"
 
 
 # --- status codes -----------------------------------------------------------------------------
@@ -484,6 +589,25 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _event_value(raw: Any, namespaces: Sequence[str]) -> Any:
+    """An event field's value: node ids (EventType, SourceNode) with their namespace URI, the
+    rest as :func:`_plain`."""
+    index = getattr(raw, "NamespaceIndex", None)
+    identifier = getattr(raw, "Identifier", None)
+    if isinstance(index, int) and identifier is not None and hasattr(raw, "NodeIdType"):
+        text = str(raw.to_string())
+        if 0 < index < len(namespaces):
+            return f"nsu={namespaces[index]};" + text.split(";", 1)[1]
+        return text
+    return _plain(raw)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _unix(stamp: datetime | None) -> float | None:
     if stamp is None:
         return None
@@ -512,8 +636,26 @@ class _Item:
     tag: str
     handle: int
     node_id: Any = None
-    """The resolved ``ua.NodeId`` of this session (None: unusable, see ``problem``)."""
+    """The resolved ``ua.NodeId`` of this session (None: unusable, see ``problem``); of the
+    notifier for an event field."""
     problem: str | None = None
+    event: tuple[Any, tuple[Any, ...]] | None = None
+    """An event field's resolved event type ``ua.NodeId`` and field path (QualifiedNames)."""
+
+
+@dataclass(slots=True)
+class _EventGroup:
+    """The event fields of one notifier and event type: one monitored item with an
+    EventFilter selecting each field once (and the event's Time)."""
+
+    handle: int
+    items: list[_Item]
+    """Delivery order: the ``EventId`` items last."""
+    fields: list[tuple[Any, ...]]
+    """The select clauses' browse paths (QualifiedNames), Time first."""
+    slots: list[int]
+    """Per item: the index of its field in ``fields``."""
+    namespaces: list[str]
 
 
 @dataclass(slots=True)
@@ -553,14 +695,17 @@ class OpcUaSource:
         states = _CONNECTED.setdefault(metrics, {})
         states.setdefault(name, False)
         self._states = states
-        metrics.gauge("opcua_connected", lambda: float(sum(states.values())),
-                      "OPC UA connections with a live session")
+        metrics.gauge("opcua_connected", lambda: float(states.get(name, False)),
+                      "1 while the OPC UA connection has a live session", connection=name)
         metrics.describe("opcua_queue_overflows_total",
                          "Values the server dropped because an item's queue overflowed")
         metrics.describe("opcua_out_of_order_total",
                          "Values whose source time is older than the last one of their tag")
         metrics.describe("opcua_unusable_addresses_total",
                          "Addresses found unusable at a connect (reported BAD), per connect")
+        metrics.describe("opcua_events_total", "OPC UA events received (alarms, messages)")
+        metrics.describe("opcua_malformed_events_total",
+                         "OPC UA events dropped: the server sent fewer fields than selected")
         metrics.describe("opcua_poll_overruns_total",
                          "Poll ticks skipped because a poll cycle outlasted its interval")
         _quiet_asyncua()
@@ -626,6 +771,25 @@ class OpcUaSource:
                 self._last_time[item.tag] = source_time
         return Signal(self.name, item.tag, value, quality_of(code), code, source_time, now)
 
+    def _event_signals(self, group: _EventGroup, fields: Sequence[Any], now: float) -> list[Signal]:
+        """The selected fields of one event, as signals stamped with the event's Time."""
+        if len(fields) != len(group.fields):
+            self._metrics.inc("opcua_malformed_events_total", connection=self.name)
+            return []
+        stamp = fields[0].Value if fields[0] is not None else None
+        source_time = _unix(stamp) if isinstance(stamp, datetime) else None
+        out = []
+        for item, slot in zip(group.items, group.slots, strict=True):
+            variant = fields[slot]
+            raw = variant.Value if variant is not None else None
+            value = _event_value(raw, group.namespaces)
+            if value is not None:
+                out.append(Signal(self.name, item.tag, value, Quality.GOOD, 0,
+                                  source_time or now, now))
+        if out:
+            self._metrics.inc("opcua_events_total", connection=self.name)
+        return out
+
     def _unusable(self, item: _Item, reason: str, code: int = BAD_NODE_ID_UNKNOWN) -> Signal:
         """Mark an item unusable for this session; log it once per source."""
         item.node_id, item.problem = None, reason
@@ -661,6 +825,9 @@ class _Session:
         self.lost: asyncio.Future[str] = self.loop.create_future()
         self.tasks: list[asyncio.Task[None]] = []
         self.by_handle: dict[int, _Item] = {}
+        self.event_groups: dict[int, _EventGroup] = {}
+        """Event monitored items by client handle (after the items' handles)."""
+        self.namespaces: list[str] = []
         self.subscription_id: int | None = None
         self.last_publish = time.monotonic()
         self.quiet_after_s = math.inf
@@ -686,7 +853,11 @@ class _Session:
             name = status_name(code)
             if name in ("BadUserAccessDenied", "BadIdentityTokenInvalid",
                         "BadIdentityTokenRejected", "BadUserSignatureInvalid"):
-                who = f"user '{self.cfg.username}'" if self.cfg.username else "anonymous access"
+                if self.cfg.user_certificate is not None:
+                    return (f"the server refused {self.cfg.user} ({name}) while {doing}: check "
+                            f"that the server trusts this user certificate and maps it to a "
+                            f"user")
+                who = self.cfg.user or "anonymous access"
                 return (f"the server refused {who} ({name}) while {doing}: check username and "
                         f"password (and that the server allows this user)")
             if name.startswith("BadCertificate") or name in ("BadSecurityChecksFailed",
@@ -747,6 +918,8 @@ class _Session:
             self.src._warn_insecure()
         else:
             await self._secure(client)
+        if cfg.user_certificate is not None and cfg.user_private_key is not None:
+            await self._user_certificate(client, cfg.user_certificate, cfg.user_private_key)
         client.connection_lost_callback = self._connection_lost
         try:
             await _within(client.connect(), cfg.request_timeout_s * 3)
@@ -853,6 +1026,22 @@ class _Session:
                                 f"{self.src.pki_dir / 'own'})") from None
             raise
 
+    async def _user_certificate(self, client: Any, cert: Path, key: Path) -> None:
+        """Load the X.509 user token's certificate and key (paths relative to the PKI dir)."""
+        cert_path, key_path = self.src.pki_dir / cert, self.src.pki_dir / key
+        secret = self.cfg.user_private_key_password
+        try:
+            await client.load_client_certificate(str(cert_path))
+        except Exception as exc:  # noqa: BLE001 - any failure to read it is the same advice
+            raise self.fail(f"cannot load the user certificate {cert_path}: "
+                            f"{_reason(exc)} (a DER or PEM certificate)") from None
+        try:
+            await client.load_private_key(key_path, secret.get_secret_value() if secret else None)
+        except Exception as exc:  # noqa: BLE001
+            raise self.fail(f"cannot load the user private key {key_path}: {_reason(exc)} "
+                            f"(a PEM or DER key; user_private_key_password if it is "
+                            f"encrypted)") from None
+
     async def _read_limits(self) -> None:
         """Lower the ceilings to the server's OperationLimits (0 or missing: no limit)."""
         ua = _mod("asyncua.ua")
@@ -904,8 +1093,37 @@ class _Session:
             item.node_id = _node_id(ua, ref, ns)
         if paths:
             bad += await self._browse_paths(paths, index, namespaces)
+        for item in self.src.items:
+            if item.node_id is not None and item.address.event_field is not None:
+                problem = self._resolve_event(ua, item, index)
+                if problem is not None:
+                    bad.append(self.src._unusable(item, problem))
+        self.namespaces = namespaces
         self.by_handle = {i.handle: i for i in self.src.items if i.node_id is not None}
         return bad
+
+    def _resolve_event(self, ua: Any, item: _Item, index: Mapping[str, int]) -> str | None:
+        """The event type's node id and the field's QualifiedNames of an event item (kept on
+        the item as ``event``); the problem when a namespace URI is unknown."""
+        address = item.address
+        type_ref = address.event_type_ref
+        type_ns = type_ref.namespace_index or 0
+        if type_ref.namespace_uri is not None:
+            if type_ref.namespace_uri not in index:
+                return (f"event_type's namespace {type_ref.namespace_uri} is not in the "
+                        f"server's NamespaceArray")
+            type_ns = index[type_ref.namespace_uri]
+        names = []
+        for segment in parse_field_path(address.event_field or ""):
+            ns = 0
+            if segment.namespace_uri is not None:
+                if segment.namespace_uri not in index:
+                    return (f"event_field's namespace {segment.namespace_uri} is not in the "
+                            f"server's NamespaceArray")
+                ns = index[segment.namespace_uri]
+            names.append(ua.QualifiedName(segment.name, ns))
+        item.event = (_node_id(ua, type_ref, type_ns), tuple(names))
+        return None
 
     async def _browse_paths(self, paths: list[tuple[_Item, tuple[PathSegment, ...]]],
                             index: Mapping[str, int], namespaces: list[str]) -> list[Signal]:
@@ -959,6 +1177,8 @@ class _Session:
                 current[item.handle] = (distinct[0], int(matches[0].NodeClass))
                 if depth + 1 < len(segments):
                     still.append((item, segments))
+                elif item.address.event_field is not None:
+                    item.node_id = distinct[0]  # a notifier: the server checks EventNotifier
                 elif int(matches[0].NodeClass) != int(ua.NodeClass.Variable):
                     kind = ua.NodeClass(int(matches[0].NodeClass)).name
                     bad.append(self.src._unusable(
@@ -1026,10 +1246,12 @@ class _Session:
         self.last_publish = time.monotonic()
         bad: list[Signal] = []
         size = self.limits.items_per_call
-        queue = list(items)
+        queue: list[tuple[Any, list[_Item]]] = [
+            (self._request(ua, i), [i]) for i in items if i.address.event_field is None]
+        queue += [(self._event_request(ua, g), g.items) for g in self._event_groups(ua, items)]
         while queue:
             batch, queue = queue[:size], queue[size:]
-            requests = [self._request(ua, i) for i in batch]
+            requests = [request for request, _ in batch]
             create = ua.CreateMonitoredItemsParameters()
             create.SubscriptionId = self.subscription_id
             create.TimestampsToReturn = ua.TimestampsToReturn.Both
@@ -1046,14 +1268,70 @@ class _Session:
                     raise _Lost(self.explain(exc, "creating monitored items")) from None
                 raise
             self.limits.items_per_call = size
-            for item, res in zip(batch, results, strict=True):
+            for (_, unit), res in zip(batch, results, strict=True):
                 code = int(res.StatusCode.value)
                 if quality_of(code) == Quality.BAD:
-                    bad.append(self.src._unusable(item, _hint(code), code))
+                    bad += [self.src._unusable(item, _hint(code), code) for item in unit]
         if bad:
             self.by_handle = {h: i for h, i in self.by_handle.items() if i.node_id is not None}
+            self.event_groups = {h: g for h, g in self.event_groups.items()
+                                 if g.items[0].node_id is not None}
             self.initial += bad
         return len(items) - len(bad)
+
+    def _event_groups(self, ua: Any, items: list[_Item]) -> list[_EventGroup]:
+        """One group per notifier node and event type; handles after the items'."""
+        grouped: dict[tuple[Any, Any], list[_Item]] = {}
+        for item in items:
+            if item.address.event_field is not None and item.event is not None:
+                grouped.setdefault((item.node_id, item.event[0]), []).append(item)
+        self.event_groups = {}
+        handle = max((i.handle for i in self.src.items), default=0)
+        time_field = (ua.QualifiedName("Time", 0),)
+        for members in grouped.values():
+            handle += 1
+            members.sort(key=lambda i: i.address.event_field == "EventId")  # stable: last
+            fields: list[tuple[Any, ...]] = [time_field]
+            slots = []
+            for item in members:
+                assert item.event is not None
+                path = item.event[1]
+                if path not in fields:
+                    fields.append(path)
+                slots.append(fields.index(path))
+            group = _EventGroup(handle, members, fields, slots, self.namespaces)
+            self.event_groups[handle] = group
+        return list(self.event_groups.values())
+
+    def _event_request(self, ua: Any, group: _EventGroup) -> Any:
+        first = group.items[0]
+        assert first.event is not None
+        event_type = first.event[0]
+        flt = ua.EventFilter()
+        for path in group.fields:
+            op = ua.SimpleAttributeOperand()
+            op.TypeDefinitionId = event_type
+            op.BrowsePath = list(path)
+            op.AttributeId = ua.AttributeIds.Value
+            flt.SelectClauses.append(op)
+        if event_type != ua.NodeId(ua.ObjectIds.BaseEventType):
+            element = ua.ContentFilterElement()
+            element.FilterOperator = ua.FilterOperator.OfType
+            element.FilterOperands = [ua.LiteralOperand(Value=ua.Variant(event_type))]
+            flt.WhereClause.Elements.append(element)
+        sized = [i.address for i in group.items if "queue_size" in i.address.model_fields_set]
+        req = ua.MonitoredItemCreateRequest()
+        req.ItemToMonitor = ua.ReadValueId(NodeId=first.node_id,
+                                           AttributeId=ua.AttributeIds.EventNotifier)
+        req.MonitoringMode = ua.MonitoringMode.Reporting
+        mp = ua.MonitoringParameters()
+        mp.ClientHandle = group.handle
+        mp.SamplingInterval = 0.0
+        mp.QueueSize = max((a.queue_size for a in sized), default=EVENT_QUEUE_SIZE)
+        mp.DiscardOldest = all(i.address.discard_oldest for i in group.items)
+        mp.Filter = flt
+        req.RequestedParameters = mp
+        return req
 
     def _request(self, ua: Any, item: _Item) -> Any:
         address = item.address
@@ -1109,6 +1387,11 @@ class _Session:
                     item = self.by_handle.get(mi.ClientHandle)
                     if item is not None and mi.Value is not None:
                         signals.append(self.src._signal(item, mi.Value, now))
+            elif isinstance(notification, ua.EventNotificationList):
+                for fields in notification.Events:
+                    group = self.event_groups.get(fields.ClientHandle)
+                    if group is not None:
+                        signals += self.src._event_signals(group, fields.EventFields, now)
             elif isinstance(notification, ua.StatusChangeNotification):
                 code = int(notification.Status.value)
                 if quality_of(code) == Quality.BAD:
