@@ -148,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
                           help='write {"seq": N, "event": {...}} per line')
     buf.set_defaults(func=_buffer)
 
+    # Protocol helpers for engineers writing mappings: each module adds its own commands and
+    # imports its protocol library only when run.
+    from gateway.sources import modbus_probe
+
+    modbus_probe.register(sub, config_arg)
+
     ver = sub.add_parser("version", help="print the version")
     ver.set_defaults(func=lambda _: print(f"digispine-gateway {__version__}") or 0)
     return parser
