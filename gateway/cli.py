@@ -150,8 +150,10 @@ def _parser() -> argparse.ArgumentParser:
 
     # Protocol helpers for engineers writing mappings: each module adds its own commands and
     # imports its protocol library only when run.
-    from gateway.sources import modbus_probe
+    from gateway.sources import modbus_probe, opcua_browse, opcua_pki
 
+    opcua_browse.register(sub, config_arg)
+    opcua_pki.register(sub, config_arg)
     modbus_probe.register(sub, config_arg)
 
     ver = sub.add_parser("version", help="print the version")
