@@ -83,7 +83,17 @@ class HealthConfig(Strict):
     """The HTTP endpoint for health checks and Prometheus metrics."""
 
     listen: str | None = Field(default="127.0.0.1:8311", examples=["127.0.0.1:8311", "0.0.0.0:8311"])
-    """``host:port`` serving ``/healthz`` and ``/metrics``; null turns it off."""
+    """``host:port`` serving ``/healthz``, ``/readyz`` and ``/metrics``; null turns it off.
+    Keep it on localhost unless a monitoring agent elsewhere must scrape it."""
+    heartbeat_interval_s: float = Field(default=60.0, ge=0, examples=[60, 300])
+    """Seconds between ``gateway.Heartbeat.v1`` events sent to Kafka (version, uptime, buffer,
+    connection states, config and mapping hashes); 0 sends none."""
+    connection_events: bool = True
+    """Send a ``gateway.ConnectionStateChanged.v1`` event when a connection goes down or comes
+    back (once per outage, like the log lines)."""
+    ready_kafka_grace_s: float = Field(default=60.0, ge=0)
+    """``/readyz`` reports not ready once Kafka has been unreachable this long (the buffer
+    absorbs shorter outages)."""
 
 
 Connection = Annotated[

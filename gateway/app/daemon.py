@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import time
@@ -23,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__, logs
+from gateway.app import status
 from gateway.app.health import HealthServer, sd_notify
 from gateway.app.pipeline import Pipeline
-from gateway.app.supervisor import State, Supervisor
+from gateway.app.supervisor import Component, State, Supervisor
 from gateway.buffer.disk import DiskBuffer
 from gateway.errors import BufferError, ConfigError, Finding
 from gateway.mapping.engine import Mapper
 from gateway.mapping.loader import MappingFile, load_mappings
 from gateway.metrics import Metrics
+from gateway.model import DomainEvent
 from gateway.settings import GatewaySettings
 from gateway.sinks.kafka import KafkaForwarder
 from gateway.sources.base import Source
@@ -40,6 +43,8 @@ from gateway.sources.opcua import OpcUaConnectionConfig, OpcUaSource
 from gateway.trace import Recorder
 
 SHUTDOWN_FLUSH_S = 10.0
+STATUS_BACKLOG = 1000
+"""Most status events (connection state changes) held while the buffer cannot take them."""
 MAINTENANCE_S = 5.0
 """How often the buffer expires old events (``max_age_s``) and reports its drops."""
 STALL_S = 120.0
@@ -105,6 +110,24 @@ class Daemon:
                            lambda: float(self.mapper.windows_skipped),
                            "Empty windows not emitted beyond the 1000 after a gap")
         self.started = time.time()
+        self._config_sha256 = status.config_hash(settings)
+        self._mappings = status.mappings_summary(mapping_files)
+        self._status_events: list[DomainEvent] = []
+        self._status_wake = asyncio.Event()
+        self._kafka_down_since: float | None = self.started
+        self._buffer_oldest: float | None = None
+        if settings.health.connection_events:
+            self.supervisor.on_transition = self._on_transition
+        self.metrics.gauge("buffer_oldest_age_seconds",
+                           lambda: max(0.0, time.time() - self._buffer_oldest)
+                           if self._buffer_oldest is not None else 0.0,
+                           "Age of the oldest buffered event (0: empty; updated every 5 s)")
+        self.metrics.gauge("process_resident_memory_bytes", _rss_bytes,
+                           "Resident memory of the gateway process")
+        self.metrics.gauge("process_cpu_seconds_total", time.process_time,
+                           "CPU time used by the gateway process (user + system)")
+        self.metrics.gauge("gateway_uptime_seconds", lambda: time.time() - self.started,
+                           "Seconds since the daemon started")
         self._core: list[asyncio.Task[None]] = []
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
         self._reload_lock = asyncio.Lock()
@@ -127,7 +150,8 @@ class Daemon:
         health = await self._start_health()
         helpers = [asyncio.create_task(self._stats_loop()), asyncio.create_task(self._watchdog_loop()),
                    asyncio.create_task(self._maintenance_loop()),
-                   asyncio.create_task(self._watch_mappings())]
+                   asyncio.create_task(self._watch_mappings()),
+                   asyncio.create_task(self._status_loop())]
         sd_notify(f"READY=1\nSTATUS=forwarding; {len(self.sources)} source(s)")
         self._log.info("daemon.ready")
         stopper = asyncio.create_task(stop.wait())
@@ -172,14 +196,14 @@ class Daemon:
             log = logs.get("daemon")
             protocols = {name: c.protocol for name, c in self.settings.connections.items()}
 
-            def prepare() -> tuple[list[MappingFile], Mapper]:
+            def prepare() -> tuple[list[MappingFile], Mapper, dict[str, Any]]:
                 files = load_mappings(self.settings.mappings.directory, protocols)
                 mapper = Mapper(files, self.settings.gateway.id)
                 mapper.state_fingerprints()  # hashes every definition: here, not on the loop
-                return files, mapper
+                return files, mapper, status.mappings_summary(files)
 
             try:  # off the event loop: a thousand files must not stall the sources
-                files, mapper = await asyncio.to_thread(prepare)
+                files, mapper, summary = await asyncio.to_thread(prepare)
                 sources = build_sources(self.settings, mapper, self.metrics)
             except ConfigError as exc:
                 self.metrics.inc("mapping_reloads_total", result="rejected")
@@ -189,6 +213,7 @@ class Daemon:
             changed = _changed_bindings(self.mapper.bindings(), mapper.bindings())
             carried = mapper.adopt_state(self.mapper)
             self.mapper = self.pipeline.mapper = mapper
+            self._mappings = summary
             # Queued behind any append of the old mapper's state, so nothing stale survives.
             await self.buffer.prune_state(mapper.state_fingerprints())
             restarted = []
@@ -220,7 +245,8 @@ class Daemon:
     async def _start_health(self) -> HealthServer | None:
         if not self.settings.health.listen:
             return None
-        server = HealthServer(self.settings.health.listen, self.status, self.metrics)
+        server = HealthServer(self.settings.health.listen, self.status, self.metrics,
+                              ready=self.ready)
         try:
             await server.start()
         except OSError as exc:
@@ -285,6 +311,100 @@ class Daemon:
             "counters": self.metrics.snapshot(),
         }
 
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness (``/readyz``): every source connected, the buffer taking events (not
+        failing, not full), Kafka reachable or away for less than
+        ``health.ready_kafka_grace_s``, and nothing fatal; a JSON body per component."""
+        now = time.time()
+        fatal, _ = self.problems()
+        self._track_kafka(now)
+        grace = self.settings.health.ready_kafka_grace_s
+        kafka_down_s = None if self._kafka_down_since is None else now - self._kafka_down_since
+        sources = {
+            name: {"ready": c.state == State.RUNNING, "state": c.state.value,
+                   "since": status.since_iso(c.since), "last_error": c.last_error}
+            for name, c in sorted(self.supervisor.components.items())
+        }
+        components: dict[str, Any] = {
+            "core": {"ready": not fatal, "problems": fatal},
+            "buffer": {"ready": self.pipeline.failing_since is None and not self.buffer.full,
+                       "failing": self.pipeline.failing_since is not None,
+                       "full": self.buffer.full,
+                       "pending_events": self.buffer.pending_events,
+                       "oldest_age_s": status.age(self._buffer_oldest, now)},
+            "kafka": {"ready": kafka_down_s is None or kafka_down_s < grace,
+                      "connected": self.forwarder.connected,
+                      "down_s": None if kafka_down_s is None else round(kafka_down_s, 1)},
+            "sources": sources,
+        }
+        ready = (components["core"]["ready"] and components["buffer"]["ready"]
+                 and components["kafka"]["ready"] and all(s["ready"] for s in sources.values()))
+        return ready, {"ready": ready, "gateway_id": self.settings.gateway.id,
+                       "components": components}
+
+    def _track_kafka(self, now: float) -> None:
+        if self.forwarder.connected:
+            self._kafka_down_since = None
+        elif self._kafka_down_since is None:
+            self._kafka_down_since = now
+
+    def _on_transition(self, comp: Component, up: bool, down_s: float | None) -> None:
+        """The supervisor saw a connection come up or go down: queue a status event."""
+        if len(self._status_events) >= STATUS_BACKLOG:
+            self.metrics.inc("status_events_dropped_total")
+            return
+        self._status_events.append(status.connection_state(
+            self.settings.gateway.id, time.time(), connection=comp.name, protocol=comp.kind,
+            up=up, error=None if up else comp.last_error, down_s=down_s,
+            restarts=comp.restarts))
+        self._status_wake.set()
+
+    def heartbeat(self, now: float | None = None) -> DomainEvent:
+        """The ``gateway.Heartbeat.v1`` event of this moment."""
+        now = time.time() if now is None else now
+        fatal, degraded = self.problems()
+        last_ack = self.forwarder.last_ack_time
+        return status.heartbeat(
+            self.settings.gateway.id, now, started=self.started,
+            interval_s=self.settings.health.heartbeat_interval_s,
+            buffer={"pending_events": self.buffer.pending_events,
+                    "pending_bytes": self.buffer.pending_bytes,
+                    "oldest_age_s": status.age(self._buffer_oldest, now),
+                    "full": self.buffer.full},
+            kafka={"connected": self.forwarder.connected,
+                   "last_ack_age_s": status.age(last_ack, now)},
+            connections={name: {"protocol": c.kind, "state": c.state.value,
+                                "since": status.since_iso(c.since), "restarts": c.restarts,
+                                "last_error": c.last_error}
+                         for name, c in self.supervisor.components.items()},
+            config_sha256=self._config_sha256, mappings=self._mappings,
+            problems=fatal + degraded)
+
+    async def _status_loop(self) -> None:
+        """Append the queued connection state events at once, and a heartbeat every
+        ``health.heartbeat_interval_s`` (the first one right after start)."""
+        interval = self.settings.health.heartbeat_interval_s
+        next_beat = time.monotonic() if interval > 0 else math.inf
+        log = logs.get("status")
+        while True:
+            timeout = max(0.0, next_beat - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_wake.wait(),
+                                       None if math.isinf(timeout) else timeout)
+            self._status_wake.clear()
+            events, self._status_events = self._status_events, []
+            if time.monotonic() >= next_beat:
+                events.append(self.heartbeat())
+                next_beat = time.monotonic() + interval
+            if not events:
+                continue
+            try:
+                await self.buffer.append(events)
+                self.metrics.inc("status_events_total", len(events))
+            except BufferError as exc:  # disk full: the pipeline reports it; retry with the next
+                log.warning("status.append_failed", error=str(exc), events=len(events))
+                self._status_events = (events + self._status_events)[-STATUS_BACKLOG:]
+
     async def _stats_loop(self) -> None:
         interval = self.settings.logging.stats_interval_s
         if interval <= 0:
@@ -308,7 +428,9 @@ class Daemon:
         log = logs.get("buffer")
         while True:
             await asyncio.sleep(MAINTENANCE_S)
+            self._track_kafka(time.time())
             try:
+                self._buffer_oldest = await self.buffer.oldest_appended()
                 await self.buffer.expire()
                 if not self.buffer.full:
                     await self.buffer.report_drops(self.settings.gateway.id)
@@ -344,6 +466,15 @@ class Daemon:
             if self.status()[0]:
                 sd_notify("WATCHDOG=1")
             await asyncio.sleep(period)
+
+
+def _rss_bytes() -> float:
+    """Resident set size from /proc/self/statm (0 where there is no /proc)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _files_signature(directory: Path) -> tuple[tuple[str, int, int], ...]:

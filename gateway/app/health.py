@@ -2,8 +2,11 @@
 
 - :func:`sd_notify` speaks systemd's notify protocol (one datagram to ``$NOTIFY_SOCKET``);
   it is a no-op when not started by systemd.
-- :class:`HealthServer` serves ``GET /healthz`` (JSON; 200 while the gateway accepts and
-  buffers data, 503 when a core component is down) and ``GET /metrics`` (Prometheus text).
+- :class:`HealthServer` serves ``GET /healthz`` (liveness, JSON; 200 while the gateway accepts
+  and buffers data, 503 when a core component is down: restart it), ``GET /readyz``
+  (readiness, JSON per component; 200 only while every source is connected, the buffer takes
+  events and Kafka is reachable or away for less than a grace period) and ``GET /metrics``
+  (Prometheus text).
 """
 
 from __future__ import annotations
@@ -35,13 +38,16 @@ def sd_notify(message: str) -> bool:
 
 
 class HealthServer:
-    """``/healthz`` and ``/metrics`` over plain HTTP/1.1 (one request per connection)."""
+    """``/healthz``, ``/readyz`` and ``/metrics`` over plain HTTP/1.1 (one request per
+    connection)."""
 
     def __init__(self, listen: str, status: Callable[[], tuple[bool, dict[str, Any]]],
-                 metrics: Metrics) -> None:
+                 metrics: Metrics,
+                 ready: Callable[[], tuple[bool, dict[str, Any]]] | None = None) -> None:
         host, _, port = listen.rpartition(":")
         self.host, self.port = host or "127.0.0.1", int(port)
         self._status = status
+        self._ready = ready or status
         self._metrics = metrics
         self._server: asyncio.AbstractServer | None = None
         self._log = logs.get("health")
@@ -66,11 +72,15 @@ class HealthServer:
                 healthy, body = self._status()
                 await self._reply(writer, 200 if healthy else 503, "application/json",
                                   json.dumps(body, indent=1).encode())
+            elif path.startswith("/readyz"):
+                ready, body = self._ready()
+                await self._reply(writer, 200 if ready else 503, "application/json",
+                                  json.dumps(body, indent=1).encode())
             elif path.startswith("/metrics"):
                 await self._reply(writer, 200, "text/plain; version=0.0.4",
                                   self._metrics.render().encode())
             else:
-                await self._reply(writer, 404, "text/plain", b"try /healthz or /metrics\n")
+                await self._reply(writer, 404, "text/plain", b"try /healthz, /readyz or /metrics\n")
         except (TimeoutError, OSError, UnicodeError):
             pass
         finally:

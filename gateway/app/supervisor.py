@@ -50,6 +50,9 @@ class Supervisor:
         self.max_backoff_s = max_backoff_s
         self.healthy_after_s = healthy_after_s
         self.components: dict[str, Component] = {}
+        self.on_transition: Callable[[Component, bool, float | None], None] | None = None
+        """Called with (component, up, seconds it was down) when a component comes up (first
+        run, or back after an outage) or goes down (first failure of an episode)."""
         self._log = logs.get("supervisor")
 
     def set_state(self, name: str, state: State, error: str | None = None) -> None:
@@ -63,14 +66,24 @@ class Supervisor:
             if comp.down_since is None:
                 comp.down_since = time.time()
                 log.warning("component.unavailable", error=error)
+                self._notify(comp, False, None)
             else:
                 log.debug("component.retry_failed", error=error, restarts=comp.restarts)
         elif state == State.RUNNING and comp.down_since is not None:
-            log.info("component.recovered", down_s=round(time.time() - comp.down_since, 1),
-                     restarts=comp.restarts)
+            down_s = time.time() - comp.down_since
+            log.info("component.recovered", down_s=round(down_s, 1), restarts=comp.restarts)
             comp.down_since = None
+            self._notify(comp, True, down_s)
         elif state == State.RUNNING and previous != State.RUNNING:
             log.info("component.running")
+            self._notify(comp, True, None)
+
+    def _notify(self, comp: Component, up: bool, down_s: float | None) -> None:
+        if self.on_transition is not None:
+            try:
+                self.on_transition(comp, up, down_s)
+            except Exception:  # noqa: BLE001 - a status report must not break supervision
+                self._log.exception("component.transition_report_failed", source=comp.name)
 
     def _mark_running(self, name: str, task: asyncio.Future[None]) -> None:
         if not task.done():

@@ -504,6 +504,11 @@ class _Store:
             "SELECT type, reason, priority, count, first_time, last_time FROM drops "
             "ORDER BY type, reason").fetchall()
 
+    def oldest_appended(self) -> float | None:
+        row = self._conn().execute(
+            "SELECT appended FROM events ORDER BY seq LIMIT 1").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def report_drops(self, make: Callable[[list[LedgerRow]], Row], max_bytes: int,
                      when_full: str) -> tuple[int, _Appended | None]:
         """Turn the ledger into one event (``make``) and clear it, in one transaction; the
@@ -918,6 +923,12 @@ class DiskBuffer:
     def full(self) -> bool:
         """Whether a buffer-full episode is going on (drops since it last had room)."""
         return self._full_since is not None
+
+    async def oldest_appended(self) -> float | None:
+        """When the oldest buffered event was appended (Unix seconds; None: empty)."""
+        if not self.pending_events:
+            return None
+        return await self._call(self._store.oldest_appended)
 
     async def load_state(self) -> list[StateRow]:
         """Every saved mapping-engine state (start-up)."""

@@ -518,6 +518,9 @@ class KafkaForwarder:
                       "1 while the forwarder reaches Kafka, 0 while it retries")
         metrics.describe("events_forwarded_total", "Events acknowledged by Kafka")
         metrics.describe("kafka_send_errors_total", "Failed attempts to connect or send to Kafka")
+        metrics.describe("kafka_round_seconds_sum",
+                         "Time from sending a round of records to all its acknowledgements")
+        metrics.describe("kafka_round_seconds_count", "Rounds of records sent to Kafka")
         metrics.describe("events_dead_lettered_total",
                          "Events Kafka can never take, replaced by a dead-letter record, by reason")
 
@@ -699,7 +702,10 @@ class KafkaForwarder:
                     if not await self._buffer.wait_for_records(cursor, IDLE_CHECK_S):
                         await self._check_reachable(producer)
                     continue
+                sent_at = time.monotonic()
                 outcome = await self._forward(producer, records)
+                self._metrics.inc("kafka_round_seconds_sum", time.monotonic() - sent_at)
+                self._metrics.inc("kafka_round_seconds_count")
                 if deleting is not None:
                     await deleting
                 self._account(outcome)
