@@ -494,7 +494,8 @@ def test_counter_ids_are_an_opt_in(tmp_path: Path) -> None:
 
 def test_shipped_examples_map_the_simulated_payloads(tmp_path: Path) -> None:
     """The example files turn simulator readings into the documented events."""
-    files = load_mappings(Path(__file__).resolve().parent.parent / "mappings", {CONN: "mqtt"})
+    files = load_mappings(Path(__file__).resolve().parent.parent / "mappings",
+                          {CONN: "mqtt", "machining_opcua": "opcua", "packaging_modbus": "modbus"})
     m = Mapper(files, "edge-demo-01")
     base = "acme/plant1/stamping/line2/press07"
     (state,) = m.map(Signal(CONN, f"{base}/state#state", "Running", source_time=1795903771.25))

