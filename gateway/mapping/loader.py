@@ -49,6 +49,7 @@ from gateway.mapping.contracts import Contract, check_event, load_contracts
 from gateway.mapping.expr import CompiledExpr, ExprError, ResultKind, Variable, compile_expr
 from gateway.mapping.spec import MappingSpec, SignalSpec
 from gateway.sources.modbus import signal_type_problem
+from gateway.sources.modbus_codec import default_order as codec_default_order
 from gateway.sources.opcua import OpcUaAddress
 
 SUFFIXES = (".yaml", ".yml")
@@ -838,6 +839,44 @@ def _lint_across(loaded: Sequence[_Loaded]) -> list[Finding]:
         else:
             subjects[subject] = one.located
         out += _address_conflicts(one, addresses)
+    out += _modbus_overlaps(loaded)
+    return out
+
+
+def _modbus_overlaps(loaded: Sequence[_Loaded]) -> list[Finding]:
+    """Registers read as two different values (a float32 at 4 and a uint16 at 5, or one start
+    with two types or orders) are a mistake in one of them; a bit of a register next to the
+    whole register is not (status words are read both ways)."""
+    out: list[Finding] = []
+    spans: dict[tuple[str, int, str], list[tuple[int, int, str, str, _Loaded, str]]] = {}
+    for one in loaded:
+        for name, signal in one.file.spec.signals.items():
+            address = signal.modbus
+            if address is None:
+                continue
+            try:
+                table, start = address.location
+                lay = address.layout
+            except ValueError:
+                continue  # reported on the address itself
+            if table in ("coil", "discrete_input") or lay.bit is not None:
+                continue
+            key = (signal.connection, address.unit, table)
+            end = start + lay.registers - 1
+            what = lay.type + (f"[{lay.length}]" if lay.type == "string" else "") + (
+                f" {lay.order}" if lay.order and lay.order != codec_default_order(lay.type) else "")
+            for o_start, o_end, o_what, o_tag, o_one, o_name in spans.get(key, []):
+                if o_end < start or end < o_start or o_tag == address.tag:
+                    continue
+                first = (_where(o_one.located, ["signals", o_name, "modbus"])
+                         + f" signals.{o_name}")
+                out.append(one.located.finding(
+                    ["signals", name, "modbus"],
+                    f"reads {table.replace('_', ' ')}s {start}..{end} of unit {address.unit} as "
+                    f"{what}, but {first} reads {o_start}..{o_end} as {o_what}: one of the two "
+                    f"layouts is wrong (check the device's register map; `digispine-gateway "
+                    f"probe modbus` shows what the registers hold)"))
+            spans.setdefault(key, []).append((start, end, what, address.tag, one, name))
     return out
 
 
