@@ -175,20 +175,28 @@ def _load(config: str | None) -> tuple[GatewaySettings, list[MappingFile], Path]
 def _run(args: argparse.Namespace) -> int:
     from gateway import logs
     from gateway.app.daemon import run_loop, serve
+    from gateway.security import config_warnings
 
     settings, files, path = _load(args.config)
     log_cfg = settings.logging
     logs.configure(args.log_level or log_cfg.level, args.log_format or log_cfg.format)
-    logs.get("daemon").info("config.loaded", path=str(path), mapping_files=len(files))
+    log = logs.get("daemon")
+    log.info("config.loaded", path=str(path), mapping_files=len(files))
+    for warning in config_warnings(settings, path):
+        log.warning("config.warning", finding=str(warning))
     record = Path(args.record) if args.record else None
     run_loop(serve(settings, files, record=record))
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from gateway.security import config_warnings
+
     settings, files, path = _load(args.config)
     signals = sum(len(f.spec.signals) for f in files)
     events = sum(len(f.spec.events) for f in files)
+    for warning in config_warnings(settings, path):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: ok")
     for f in files:
         print(f"{f.path}: ok ({len(f.spec.signals)} signals, {len(f.spec.events)} events)")
