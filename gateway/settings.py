@@ -211,12 +211,30 @@ def _locate(exc: ValidationError, located: yamlfile.Located, data: dict[str, Any
     out = []
     for err in exc.errors(include_url=False):
         loc, message, at_value = yamlfile.normalize(err)
+        loc = _without_tags(data, loc)
         env = ENV_PREFIX + "__".join(str(p) for p in loc).upper()
         from_env = any(name.upper() == env for name in os.environ)
         if not from_env and (_present(data, loc) or err["type"] == "missing"):
             out.append(located.finding(loc, message, at_value=at_value))
         else:
             out.append(Finding("environment", None, None, env, message))
+    return out
+
+
+def _without_tags(data: Any, loc: list[str | int]) -> list[str | int]:
+    """The location without the discriminator pydantic inserts for a tagged union
+    (``connections.plant_mqtt.mqtt.port`` -> ``connections.plant_mqtt.port``): a key that
+    is not in the data but is the node's ``protocol``."""
+    out: list[str | int] = []
+    node = data
+    for key in loc:
+        if isinstance(node, dict) and key not in node and node.get("protocol") == key:
+            continue
+        out.append(key)
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            node = None
     return out
 
 

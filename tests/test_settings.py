@@ -141,3 +141,19 @@ def test_configuration_reference_matches_the_models():
     """docs/configuration.md is generated from the models: regenerate it after changing them
     (`python -m gateway.docgen > docs/configuration.md`)."""
     assert (REPO / "docs" / "configuration.md").read_text() == docgen.render()
+
+
+def test_errors_inside_a_connection_point_at_the_file_line(tmp_path):
+    """A connection is a tagged union (by protocol): its field errors are located in the file,
+    under the connection's own path, not as an environment variable."""
+    (tmp_path / "mappings").mkdir()
+    config = tmp_path / "gw.yaml"
+    config.write_text("gateway: {id: gw1}\nconnections:\n  plant_mqtt:\n    protocol: mqtt\n"
+                      "    host: 127.0.0.1\n    port: 99999\n  cell:\n    protocol: opcua\n"
+                      "    endpoint: opc.tcp://h:4840\n    publishing_interval_ms: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    found = sorted(str(f) for f in info.value.findings)
+    assert found[0].startswith(f"{config}:10:") and " connections.cell.publishing_interval_ms:" in found[0]
+    assert found[1].startswith(f"{config}:6:") and " connections.plant_mqtt.port:" in found[1]
+    assert "environment" not in " ".join(found)
