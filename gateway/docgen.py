@@ -7,6 +7,7 @@ committed page and the models drift apart.
 from __future__ import annotations
 
 import json
+import re
 import typing
 from typing import Any
 
@@ -45,7 +46,14 @@ def _type(annotation: Any) -> str:
         text = annotation.__name__
     for noise in ("typing.", "pydantic.types.", "pathlib.", "NoneType"):
         text = text.replace(noise, "" if noise != "NoneType" else "null")
+    text = re.sub(r"\b(?:[a-z_][a-z0-9_]*\.)+([A-Z]\w*)", r"\1", text)  # module paths
     return f"`{text}`".replace("|", "\\|")
+
+
+def _nested(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field's type names (``X | None``, ``bool | X``)."""
+    args = typing.get_args(annotation) or (annotation,)
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
 
 
 def _default(field: Any) -> str:
@@ -83,6 +91,10 @@ def render() -> str:
         protocol = typing.get_args(model.model_fields["protocol"].annotation)[0]
         out.append(f"### `protocol: {protocol}`\n\n{model.__doc__}\n")
         out.extend(_table(model, "CONNECTIONS__<NAME>"))
+        for name, field in model.model_fields.items():
+            for sub in _nested(field.annotation):
+                out.append(f"#### `{name}` ({protocol})\n\n{' '.join((sub.__doc__ or '').split())}\n")
+                out.extend(_table(sub, f"CONNECTIONS__<NAME>__{name.upper()}"))
     return "\n".join(out).rstrip() + "\n"
 
 
