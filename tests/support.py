@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import ssl
 import subprocess
 import threading
 import time
@@ -49,8 +50,11 @@ class TcpProxy:
     new ones, ``restore()`` accepts again (a lost uplink, without touching the broker);
     ``stall()`` / ``release()`` hold every byte instead (a hung link)."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.target = (target_host, target_port)
+        self.ssl_context = ssl_context
+        """Terminate TLS here (a TLS listener in front of a plain broker)."""
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
@@ -88,7 +92,8 @@ class TcpProxy:
 
     async def _start(self) -> None:
         if self._server is None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
+                                                      ssl=self.ssl_context)
 
     async def _stop(self) -> None:
         if self._server is not None:
@@ -172,6 +177,16 @@ async def consume(
     finally:
         await consumer.stop()
     return out
+
+
+@contextlib.contextmanager
+def tansu_behind_tls(ssl_context: ssl.SSLContext) -> Iterator[str]:
+    """A Tansu of its own reachable only through a TLS-terminating :class:`TcpProxy` (which it
+    advertises), as a Kafka with an SSL listener. Yields the TLS bootstrap address."""
+    broker_port = free_port()
+    with (TcpProxy("127.0.0.1", broker_port, ssl_context) as proxy,
+          tansu(broker_port, advertised_port=proxy.port)):
+        yield f"127.0.0.1:{proxy.port}"
 
 
 @contextlib.contextmanager
