@@ -54,6 +54,8 @@ bench: $(STAMP) brokers
 	$(PY) bench/bench_buffer.py
 	$(PY) -m bench.bench_mapping --quick
 	$(PY) -m bench.bench_durability --quick
+	$(PY) -m bench.bench_opcua --quick
+	$(PY) -m bench.bench_modbus --quick
 
 validate: $(STAMP)
 	$(VENV)/bin/digispine-gateway validate
