@@ -24,9 +24,12 @@ Polling plan
 Scheduling
     One link executes one request at a time (a serial bus can do no better, and pymodbus
     serialises a TCP connection too). Each read has its own interval and due time, kept in
-    phase (no drift). A read that starts more than a tenth of its interval late is counted in
-    ``modbus_poll_late_total``; its lag goes to ``modbus_poll_lag_seconds`` (the worst lag of
-    the last minute, all Modbus connections) and ``modbus_poll_lag_seconds_bucket{le}``. A read
+    phase (no drift). A read's lag (how long after its due time it started, queueing behind
+    the other reads of its cycle on the link included: the staleness it adds) goes to
+    ``modbus_poll_lag_seconds`` (the worst lag of the last minute, all Modbus connections) and
+    ``modbus_poll_lag_seconds_bucket{le}``. A read that starts more than a tenth of its interval
+    after both its due time and the end of the link's previous request (the gateway was slow,
+    not the link busy) is counted in ``modbus_poll_late_total``. A read
     more than one whole interval late runs once and the ticks it missed are counted in
     ``modbus_polls_skipped_total``: never silently dropped. Each response is one
     :class:`~gateway.sources.base.Delivery` (``ack`` None), timed at the response
@@ -754,6 +757,9 @@ class _Link:
         self._wake = asyncio.Event()
         now = time.monotonic()
         self.polls = [_Poll(r, r.poll_ms / 1000.0, now) for r in source.requests]
+        self.link_free = 0.0
+        """When the link finished its last request (monotonic): a read due earlier waited for
+        the link, not for the scheduler."""
         self.units = {r.unit: _Unit(r.unit, self.cfg.backoff_min_s) for r in source.requests}
         self.timeout_s = self.cfg.timeout_ms / 1000.0
 
@@ -851,7 +857,9 @@ class _Link:
         lag = max(started - p.due, 0.0)
         metrics, name = self.src._metrics, self.src.name
         skipped = int(lag // p.interval) if lag >= p.interval else 0
-        if lag > p.interval * LATE_FRACTION:
+        # Late: started long after the link could take it. Queueing behind the other reads of
+        # the same cycle on one link is what a link does (it shows in the lag, not here).
+        if started - max(p.due, self.link_free) > p.interval * LATE_FRACTION:
             metrics.inc("modbus_poll_late_total", connection=name)
         if skipped:
             metrics.inc("modbus_polls_skipped_total", skipped, connection=name)
@@ -869,6 +877,7 @@ class _Link:
         else:
             self._account_lag(p, now)
         result = await self._execute(p.request, probe)
+        self.link_free = time.monotonic()
         self._count(p.request, result)
         if result.kind == "ok":
             if unit.down:

@@ -62,7 +62,6 @@ Scale and offset
 
 from __future__ import annotations
 
-import contextlib
 import math
 import struct
 from collections.abc import Sequence
@@ -182,6 +181,8 @@ class Layout:
     registers: int = 1
     _perm: tuple[int, ...] = field(default=(), repr=False, compare=False)
     """Wire byte index for each big-endian byte position of the value."""
+    _identity: bool = field(default=False, repr=False, compare=False)
+    """``_perm`` keeps the wire order (ABCD...): no reordering per decode."""
 
     def decode(self, words: Sequence[int]) -> Value:
         """The value in ``words`` (the registers of this layout, lowest address first;
@@ -194,7 +195,7 @@ class Layout:
         raw = _bytes(words, self.registers)
         if self.type == "string":
             return _text(raw, self.order == "BA", self.length or 0)
-        ordered = bytes(raw[i] for i in self._perm)
+        ordered = raw if self._identity else bytes([raw[i] for i in self._perm])
         value: int | float = struct.unpack(_STRUCT[self.type], ordered)[0]
         if self.type == "float32":
             return _short_float32(ordered, float(value))
@@ -245,7 +246,8 @@ def layout(type_: str, order: str | None = None, *, bit: int | None = None,
     perm: tuple[int, ...] = ()
     if canonical is not None and type_ != "string":
         perm = tuple(canonical.index(chr(ord("A") + rank)) for rank in range(len(canonical)))
-    return Layout(type_, canonical, bit, length, registers, perm)
+    identity = bool(perm) and perm == tuple(range(len(perm)))
+    return Layout(type_, canonical, bit, length, registers, perm, identity)
 
 
 def decode(words: Sequence[int], type_: str, order: str | None = None, *,
@@ -309,6 +311,9 @@ def _bytes(words: Sequence[int], count: int) -> bytes:
             f"registers are 16-bit values 0..65535, got {list(words[:count])}") from None
 
 
+_pack_f32 = struct.Struct(">f").pack
+
+
 def _short_float32(packed: bytes, value: float) -> float:
     """The shortest decimal that is the same float32 (123.456, not 123.45600128173828)."""
     if not math.isfinite(value) or value == 0:
@@ -318,9 +323,11 @@ def _short_float32(packed: bytes, value: float) -> float:
     first = 6 if abs(value) >= _FLOAT32_MIN_NORMAL else 1
     for digits in range(first, 10):
         candidate = float(f"{value:.{digits}g}")
-        with contextlib.suppress(OverflowError):  # rounded up past the largest float32
-            if struct.pack(">f", candidate) == packed:
+        try:
+            if _pack_f32(candidate) == packed:
                 return candidate
+        except OverflowError:  # rounded up past the largest float32
+            continue
     return value
 
 
