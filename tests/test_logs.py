@@ -42,6 +42,9 @@ def test_rate_limit_processor_counts_and_reports_suppressed_lines() -> None:
 
 def test_configured_logging_bounds_our_lines_and_library_lines() -> None:
     out = io.StringIO()
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
     logs.configure("info", "json", stream=out)
     try:
         log = logs.get("test", source="s1")
@@ -52,8 +55,9 @@ def test_configured_logging_bounds_our_lines_and_library_lines() -> None:
         for _ in range(logs.BURST + 5):
             library.warning("library complaint")
         lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    finally:
-        logs.configure("error", "json", stream=io.StringIO())
+    finally:  # later tests capture logs at every level: leave logging as it was
+        structlog.configure(**saved)
+        root.handlers[:], root.level = saved_handlers, saved_level
     flood = [e for e in lines if e["event"] == "test.flood"]
     assert [e["n"] for e in flood] == list(range(logs.BURST))
     assert any(e["event"] == "test.other" for e in lines)

@@ -83,6 +83,10 @@ def write_fault_config(path: Path, *, mqtt_port: int, bootstrap: str, prefix: st
         "buffer": {"directory": str(state), **(buffer or {})},
         "mappings": {"directory": str(mappings)},
         "logging": {"level": "info", "stats_interval_s": 0},
+        # The accounting here is of mapped events: the gateway's own status events (heartbeat,
+        # connection changes; tested in tests/test_status_events.py) would take buffer space
+        # and be dropped or delivered alongside them.
+        "health": {"heartbeat_interval_s": 0, "connection_events": False},
     }
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
