@@ -1,7 +1,9 @@
 """The ``digispine-gateway`` command line.
 
 Commands: ``run`` (the service), ``validate`` (config and mappings, every finding located, exit
-78), ``catalog`` (the event types the mappings emit, with topics and contracts, as JSON), ``demo`` (a simulated shop floor, local brokers and the gateway, events shown as they arrive
+78), ``catalog`` (the event types the mappings emit, with topics and contracts, as JSON or as an
+AsyncAPI 3.0 document), ``contract check --against REF`` (contract changes that break consumers
+without a new major version; exit 1), ``demo`` (a simulated shop floor, local brokers and the gateway, events shown as they arrive
 in Kafka), ``buffer stats|inspect|export`` (the disk buffer, read-only, also while ``run`` runs;
 exit 66 when there is no buffer file, 73 when the file is not a readable gateway buffer),
 ``version``. Errors reach the user as located lines, never as tracebacks.
@@ -94,10 +96,32 @@ def _parser() -> argparse.ArgumentParser:
                       help="mapping files or directories (default: the configured mappings)")
     test.set_defaults(func=_test)
 
-    cat = sub.add_parser("catalog", help="print, as JSON, every event type the mappings can emit "
-                                         "(topic, subjects, contract)")
+    cat = sub.add_parser("catalog", help="print every event type the mappings can emit "
+                                         "(topic, subjects, contract), as JSON or AsyncAPI 3.0")
     config_arg(cat)
+    cat.add_argument("--format", choices=["json", "asyncapi"], default="json",
+                     help="json (default): one object per event type; asyncapi: an AsyncAPI "
+                          "3.0.0 document (JSON) of the topics, keys, headers and payloads")
+    cat.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     cat.set_defaults(func=_catalog)
+
+    contract = sub.add_parser("contract", help="event type contracts: check compatibility")
+    contract_sub = contract.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = contract_sub.add_parser(
+        "check", help="compare the contracts with a previous version; exit 1 on a breaking "
+                      "change without a new major version",
+        description="Compare the contracts of the mapping directory (or --dir) with a previous "
+                    "version: a directory, or a git ref (tag, branch, commit) of the repository "
+                    "holding them. One located line per finding; exit 1 on errors (a breaking "
+                    "change, a compatible change without a higher minor), else 0.")
+    config_arg(check)
+    check.add_argument("--against", required=True, metavar="REF",
+                       help="the previous version: a directory or a git ref")
+    check.add_argument("--dir", metavar="PATH",
+                       help="the contracts directory (or mapping directory) to check; default: "
+                            "the configured mapping directory's contracts/")
+    check.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    check.set_defaults(func=_contract_check)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of mapping files or of the config")
     schema.add_argument("which", choices=["mapping", "config"])
@@ -283,36 +307,47 @@ def _test(args: argparse.Namespace) -> int:
 def _catalog(args: argparse.Namespace) -> int:
     import json
 
-    from gateway.mapping.contracts import VIOLATION_CONTRACT, VIOLATION_TYPE, Contract, split_type
-    from gateway.sinks.kafka import topic_for
+    from gateway.catalog import asyncapi_document, catalog_entries
 
     settings, files, _ = _load(args.config)
-    subjects: dict[str, list[str]] = {}
-    contracts: dict[str, Contract] = {VIOLATION_TYPE: VIOLATION_CONTRACT}
-    for f in files:
-        for event in f.spec.events.values():
-            subjects.setdefault(event.type, [])
-            if f.subject not in subjects[event.type]:
-                subjects[event.type].append(f.subject)
-        contracts.update(f.contracts)
-    subjects[VIOLATION_TYPE] = [f.subject for f in files]  # any asset's event may break its contract
-    out = []
-    for event_type in sorted(subjects):
-        domain, name, major = split_type(event_type)
-        contract = contracts.get(event_type)
-        out.append({
-            "type": event_type,
-            "domain": domain,
-            "name": name,
-            "major": major,
-            "subjects": sorted(subjects[event_type]),
-            "topic": topic_for(settings.kafka.topic_template, event_type, settings.gateway.id),
-            "owner": contract.spec.owner if contract else None,
-            "description": contract.spec.description if contract else None,
-            "data_schema": contract.data_schema() if contract else None,
-        })
-    print(json.dumps(out, indent=2))
+    document = (asyncapi_document(settings, files) if args.format == "asyncapi"
+                else catalog_entries(settings, files))
+    text = json.dumps(document, indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
     return 0
+
+
+def _contract_check(args: argparse.Namespace) -> int:
+    from gateway.mapping import compat
+    from gateway.mapping.loader import CONTRACTS_DIRECTORY
+
+    if args.dir:
+        current = Path(args.dir)
+        if (current / CONTRACTS_DIRECTORY).is_dir():
+            current = current / CONTRACTS_DIRECTORY
+    else:
+        from gateway.settings import find_config, load_settings
+
+        settings = load_settings(find_config(args.config))
+        current = Path(settings.mappings.directory) / CONTRACTS_DIRECTORY
+    new = compat.load(current)
+    with compat.previous(args.against, current) as before:
+        old = compat.load(before)
+    report = compat.check(old, new)
+    for line in report.errors:
+        print(f"error: {line}")
+    if not args.quiet:
+        for line in report.warnings:
+            print(f"warning: {line}")
+        for line in report.notes:
+            print(f"note: {line}")
+    print(f"contract check against {args.against}: {len(new)} contract(s), "
+          f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)",
+          file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 def _buffer(args: argparse.Namespace) -> int:

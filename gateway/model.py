@@ -157,6 +157,11 @@ class DomainEvent:
     clock fires, nor for window aggregates) and a count of earlier events of the same trigger
     at the same time. The same readings give the same ids, so consumers can deduplicate a
     replay or a redelivery.
+
+    ``extensions``: CloudEvents extension attributes (lower-case alphanumeric names, string
+    values), written into the envelope after the standard ones. The mapping engine gives every
+    mapped event the provenance attributes of :data:`gateway.mapping.contracts.PROVENANCE_ATTRIBUTES`
+    as one dict shared by the events of the same mapping event and address (never mutate it).
     """
 
     id: str
@@ -167,6 +172,7 @@ class DomainEvent:
     data: dict[str, Any]
     dataschema: str | None = None
     datacontenttype: str = JSON
+    extensions: dict[str, str] | None = None
 
     def envelope(self) -> dict[str, Any]:
         """The structured-mode CloudEvent as a JSON-ready dict."""
@@ -181,6 +187,8 @@ class DomainEvent:
         }
         if self.dataschema is not None:
             out["dataschema"] = self.dataschema
+        if self.extensions:
+            out.update(self.extensions)
         out["data"] = self.data
         return out
 

@@ -334,3 +334,46 @@ async def test_a_reloaded_mapper_brings_its_new_contracts_to_the_running_pipelin
     types = [decode_envelope(r.body)["type"] for r in records]
     assert types == ["production.MachineStateChanged.v1", VIOLATION_TYPE]
     assert metrics.value("contract_violations_total", type="production.MachineStateChanged.v1") == 1
+
+
+# --- the data product fields (docs/data-products.md) -------------------------------------------
+
+
+def test_a_contract_has_a_minor_version_asset_types_a_rate_and_semantics(tmp_path: Path):
+    text = STATE_CONTRACT.replace("owner: production-team\n", (
+        "owner: production-team\nminor: 3\nasset_types: [press, cnc]\nexpected_rate: 2/min\n")
+    ).replace("{type: string}", "{type: string, unit: m, semantics: 'urn:acme:line'}")
+    directory = _write(tmp_path, **{"production.MachineStateChanged.v1": text})
+    contracts, findings = load_contracts(directory / "contracts")
+    assert findings == []
+    contract = contracts["production.MachineStateChanged.v1"]
+    assert (contract.major, contract.minor, contract.version) == (1, 3, "1.3")
+    assert contract.spec.asset_types == ["press", "cnc"] and contract.spec.expected_rate == "2/min"
+    schema = contract.data_schema()
+    assert schema["x-contract-version"] == "1.3"
+    assert schema["properties"]["line"]["x-unit"] == "m"
+    assert schema["properties"]["line"]["x-semantics"] == "urn:acme:line"
+
+
+def test_a_rate_that_is_not_number_per_unit_is_a_located_error(tmp_path: Path):
+    text = STATE_CONTRACT.replace("owner: production-team\n",
+                                  "owner: production-team\nexpected_rate: often\n")
+    directory = _write(tmp_path, **{"production.MachineStateChanged.v1": text})
+    _, findings = load_contracts(directory / "contracts")
+    assert len(findings) == 1 and "expected_rate" in str(findings[0])
+
+
+def test_every_shipped_mapping_event_type_emitted_by_several_files_shares_a_contract():
+    from collections import Counter
+
+    from gateway.settings import find_config, load_settings
+
+    root = Path(__file__).parent.parent
+    settings = load_settings(find_config(str(root / "config" / "gateway.yaml")))
+    directory = Path(settings.mappings.directory)
+    files = load_mappings(directory if directory.is_absolute() else root / directory,
+                          {n: c.protocol for n, c in settings.connections.items()})
+    files_per_type = Counter(t for f in files for t in {e.type for e in f.spec.events.values()})
+    shared = {t for t, n in files_per_type.items() if n > 1}
+    assert shared and all(t in f.contracts for f in files for t in shared
+                          if t in {e.type for e in f.spec.events.values()})

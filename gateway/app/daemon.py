@@ -29,6 +29,7 @@ from gateway.app.health import HealthServer, sd_notify
 from gateway.app.pipeline import Pipeline
 from gateway.app.supervisor import Component, State, Supervisor
 from gateway.buffer.disk import DiskBuffer
+from gateway.catalog import CatalogPublisher
 from gateway.errors import BufferError, ConfigError, Finding
 from gateway.mapping.engine import Mapper
 from gateway.mapping.loader import MappingFile, load_mappings
@@ -84,7 +85,9 @@ class Daemon:
         self.metrics = Metrics()
         self.mapper = Mapper(mapping_files, settings.gateway.id)
         self.buffer = DiskBuffer(settings.buffer, self.metrics)
-        self.forwarder = KafkaForwarder(settings.kafka, self.buffer, settings.gateway.id, self.metrics)
+        self.forwarder = KafkaForwarder(settings.kafka, self.buffer, settings.gateway.id, self.metrics,
+                                        provenance=True)
+        self.catalog = CatalogPublisher(settings) if settings.kafka.catalog_publish else None
         self.pipeline = Pipeline(self.mapper, self.buffer, self.metrics,
                                  max_batch_events=settings.buffer.max_batch_events)
         self.sources = build_sources(settings, self.mapper, self.metrics)
@@ -154,6 +157,7 @@ class Daemon:
                    asyncio.create_task(self._status_loop())]
         sd_notify(f"READY=1\nSTATUS=forwarding; {len(self.sources)} source(s)")
         self._log.info("daemon.ready")
+        await self._publish_catalog()
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([stopper, *self._core], return_when=asyncio.FIRST_COMPLETED)
         crashed = [t for t in self._core if t.done()]
@@ -232,7 +236,26 @@ class Daemon:
             self.metrics.inc("mapping_reloads_total", result="applied")
             log.info("mappings.reloaded", files=len(files), restarted_sources=sorted(restarted),
                      states_carried_over=carried)
+            await self._publish_catalog()
             return True
+
+    async def _publish_catalog(self) -> None:
+        """Append the catalog entries that changed (all of them at start) for the catalog
+        topic; a buffer that cannot take them is logged, the next start or reload retries."""
+        if self.catalog is None:
+            return
+        # Off the event loop: it hashes every mapping file.
+        events = await asyncio.to_thread(self.catalog.changes, self.mapper.files, time.time(),
+                                         self.mapper.mapping_hashes)
+        if not events:
+            return
+        try:
+            await self.buffer.append(events)
+        except BufferError as exc:
+            self.catalog.published.clear()  # publish everything again next time
+            self._log.warning("catalog.append_failed", error=str(exc), entries=len(events))
+            return
+        self._log.info("catalog.published", entries=len(events))
 
     async def _supervise_source(self, source: Source) -> None:
         conn = self.settings.connections[source.name]

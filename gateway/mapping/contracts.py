@@ -5,10 +5,14 @@ type (``production.MachineStateChanged.v1.yaml``)::
 
     version: 1
     type: production.MachineStateChanged.v1
+    minor: 2
     owner: production-team
     description: A machine changed its operating state.
+    asset_types: [press, cnc]
+    expected_rate: 1/min
     data:
-      state: {type: string, required: true, description: "the new state"}
+      state: {type: string, required: true, description: "the new state",
+              semantics: "https://example.com/vocab/MachineState"}
       previous_state: {type: string, nullable: true}
       previous_state_duration_s: {type: number, unit: s, nullable: true}
     additional_fields: forbid
@@ -21,11 +25,18 @@ A contract is used three times:
 - at run time, the pipeline checks each event's ``data`` (:meth:`Contract.violation`, a
   precompiled hand check, no JSON Schema engine) and replaces a violating event by a
   dead-letter event of type :data:`VIOLATION_TYPE`;
-- ``digispine-gateway catalog`` prints its ``data`` JSON Schema (:meth:`Contract.data_schema`).
+- ``digispine-gateway catalog`` prints its ``data`` JSON Schema (:meth:`Contract.data_schema`),
+  the AsyncAPI document and the catalog topic carry it (:mod:`gateway.catalog`).
+
+The major version is part of the type name (``.v1``): a breaking change is a new type and a new
+file (``...v2.yaml``); ``minor`` counts the compatible changes of one major version
+(:mod:`gateway.mapping.compat` checks both). Every mapped event carries ``<major>.<minor>`` as
+its ``contractversion`` attribute (:func:`provenance`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +75,9 @@ class FieldContract(Strict):
     """String fields only: the allowed values."""
     description: str | None = None
     """What the field means."""
+    semantics: str | None = Field(default=None, examples=["https://qudt.org/vocab/quantitykind/Temperature"])
+    """What the value denotes, as a term or the URI of a vocabulary entry (a quantity kind, a
+    state model), for machines and the catalog; free text."""
 
     @model_validator(mode="after")
     def _enum_on_strings(self) -> FieldContract:
@@ -79,10 +93,22 @@ class ContractSpec(Strict):
     """Format version of the contract file: 1."""
     type: str = Field(pattern=spec.EVENT_TYPE_PATTERN, examples=["production.MachineStateChanged.v1"])
     """``<domain>.<EventName>.v<major>``; the file is named after it."""
+    minor: int = Field(default=0, ge=0)
+    """Minor version: raised by every compatible change (an optional field, an enum value, a
+    unit where there was none); the major version is the ``.v<major>`` of ``type``."""
     owner: str | None = Field(default=None, examples=["production-team"])
     """Who owns the event type (for the catalog)."""
     description: str | None = None
     """What the event means."""
+    asset_types: list[str] = Field(default_factory=list, examples=[["press", "cnc"]])
+    """The kinds of asset the event type applies to (for the catalog; not checked)."""
+    expected_rate: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)?/(s|min|h|d)$",
+                                      examples=["1/min", "0.2/s"])
+    """How often one asset typically emits it at most, ``<number>/<s|min|h|d>`` (for the
+    catalog and capacity planning; not enforced)."""
+    deprecated: bool = False
+    """The type is on its way out (a newer major exists): ``contract check`` lets a later
+    version of the directory remove a deprecated contract without calling it breaking."""
     data: dict[spec.FieldName, FieldContract] = Field(default_factory=dict)
     """Field name -> what the field holds."""
     additional_fields: Literal["forbid", "allow"] = "allow"
@@ -153,6 +179,15 @@ class Contract:
     def major(self) -> int:
         return split_type(self.spec.type)[2]
 
+    @property
+    def minor(self) -> int:
+        return self.spec.minor
+
+    @property
+    def version(self) -> str:
+        """``<major>.<minor>``, e.g. ``1.2``: the ``contractversion`` of its events."""
+        return f"{self.major}.{self.spec.minor}"
+
     def data_schema(self) -> dict[str, Any]:
         """The JSON Schema (draft-07) of the ``data`` object of this event type."""
         properties: dict[str, Any] = {}
@@ -163,6 +198,10 @@ class Contract:
                 prop["description"] = "; ".join(words)
             if f.enum is not None:
                 prop["enum"] = [*f.enum, None] if f.nullable else list(f.enum)
+            if f.unit:
+                prop["x-unit"] = f.unit
+            if f.semantics:
+                prop["x-semantics"] = f.semantics
             properties[name] = prop
         schema: dict[str, Any] = {
             "$schema": "http://json-schema.org/draft-07/schema#",
@@ -174,6 +213,7 @@ class Contract:
         }
         if self.spec.description:
             schema["description"] = self.spec.description
+        schema["x-contract-version"] = self.version
         return schema
 
     def violation(self, data: Mapping[str, Any]) -> str | None:
@@ -247,6 +287,9 @@ def dead_letter(event: DomainEvent, reason: str) -> DomainEvent:
         time=event.time,
         data={"reason": reason, "event_type": event.type, "event_id": event.id,
               "data": event.data},
+        # The provenance of the original event; the contract version is the dead letter's own.
+        extensions=None if event.extensions is None else {
+            **event.extensions, "contractversion": VIOLATION_CONTRACT.version},
     )
 
 
@@ -390,4 +433,41 @@ def check_event(
             out.append(located.finding(
                 [*base, name], f"field '{name}' is of type {declared.type} in {where}, "
                 f"but this source gives {'an' if actual[0] in 'aeiou' else 'a'} {actual}"))
+    return out
+
+
+# --- provenance ------------------------------------------------------------------------------
+
+PROVENANCE_ATTRIBUTES = ("mappingfile", "mappingversion", "mappinghash", "contractversion",
+                         "sourceconnection", "sourceaddress")
+"""The CloudEvents extension attributes the mapping engine puts on every mapped event; the
+forwarder adds ``gatewayid`` and ``sequence`` when it sends (see docs/data-products.md)."""
+
+
+def mapping_hash(path: Path, mapping: spec.MappingSpec) -> str:
+    """The ``mappinghash`` of a mapping file: the first 16 hex digits of the SHA-256 of the
+    file's bytes (``sha256sum press07.yaml | cut -c1-16``), so any revision of the file in the
+    plant's repository can be matched to the events it produced, whatever the gateway version.
+    A file that cannot be read any more (deleted since it was loaded) is hashed as the canonical
+    JSON of its validated content instead."""
+    try:
+        content = path.read_bytes()
+    except OSError:
+        content = mapping.model_dump_json().encode()
+    return hashlib.sha256(content).hexdigest()[:16]
+
+
+def provenance(file_name: str, mapping: spec.MappingSpec, digest: str, contract: Contract | None,
+               connection: str, address: str) -> dict[str, str]:
+    """The extension attributes of the events of one mapping event fired by one address
+    (computed once per file, event and address, never per event)."""
+    out = {
+        "mappingfile": file_name,
+        "mappingversion": str(mapping.version),
+        "mappinghash": digest,
+    }
+    if contract is not None:
+        out["contractversion"] = contract.version
+    out["sourceconnection"] = connection
+    out["sourceaddress"] = address
     return out

@@ -80,7 +80,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from gateway.mapping.contracts import Contract
+from gateway.mapping.contracts import Contract, mapping_hash, provenance
 from gateway.mapping.expr import CompiledExpr, EvalError
 from gateway.mapping.loader import MappingFile, compile_expression
 from gateway.mapping.spec import (
@@ -92,7 +92,6 @@ from gateway.mapping.spec import (
     EdgeTrigger,
     EventSpec,
     ExprSource,
-    MappingSpec,
     OnChangeTrigger,
     PeriodicTrigger,
     PreviousSource,
@@ -107,6 +106,7 @@ from gateway.mapping.spec import (
     trigger_signal,
 )
 from gateway.model import (
+    JSON,
     DomainEvent,
     EventIdFunction,
     EventIds,
@@ -342,8 +342,8 @@ class _Rule(abc.ABC):
     """
 
     __slots__ = (
-        "dataschema", "event_id", "expr_errors", "fields", "guard", "guard_reads", "guarded",
-        "ids", "signal", "source", "subject", "type",
+        "dataschema", "event_id", "expr_errors", "ext", "fields", "guard", "guard_reads",
+        "guarded", "ids", "provenance", "signal", "source", "subject", "type",
     )
 
     OUTPUTS: ClassVar[dict[str, str]] = {}
@@ -368,6 +368,11 @@ class _Rule(abc.ABC):
         self.dataschema = event.dataschema
         self.source = source
         self.ids = ids
+        self.ext: dict[str, str] | None = None
+        """The provenance attributes of events no single reading fired (set by the Mapper)."""
+        self.provenance: dict[str, dict[str, str]] = {}
+        """Tag of a reading this rule watches -> the provenance attributes of the events it
+        fires (set by the Mapper, once: events share these dicts)."""
         self.expr_errors: Counter[str] = Counter()
         self.guarded = 0
         self.guard: CompiledExpr | None = None
@@ -438,6 +443,8 @@ class _Rule(abc.ABC):
                 t,
                 {name: get() for name, get in self.fields},
                 self.dataschema,
+                JSON,
+                self.provenance.get(tag, self.ext),
             )
         )
 
@@ -1171,11 +1178,15 @@ class Mapper:
         self._ticked = False
         self._written: dict[str, bytes] = {}
         self._fingerprints: dict[str, str] | None = None
+        self.mapping_hashes: dict[str, str] = {}
+        """Mapping file name -> its ``mappinghash`` (as its events carry it)."""
         for file in self.files:
-            self._add_file(file.spec)
+            self._add_file(file)
 
-    def _add_file(self, spec: MappingSpec) -> None:
+    def _add_file(self, file: MappingFile) -> None:
+        spec = file.spec
         subject = spec.asset.subject
+        digest = self.mapping_hashes[file.path.name] = mapping_hash(file.path, spec)
         signals = {
             name: _Signal(subject, name, converter(sig), sig) for name, sig in spec.signals.items()
         }
@@ -1215,6 +1226,22 @@ class Mapper:
                 self._windows.append(rule)
             if rule.timed:
                 self._timed.append(rule)
+            contract = file.contracts.get(event.type)
+
+            def provenance_of(name: str, contract: Contract | None = contract) -> dict[str, str]:
+                sig = spec.signals[name]
+                return provenance(file.path.name, spec, digest, contract, sig.connection,
+                                  sig.address.tag)
+
+            primary = named
+            watched_names = [named] if watched is not None else []
+            if isinstance(rule, _ConditionRule):
+                watched_names = [name for name, _ in rule.reads]
+                primary = watched_names[0] if watched_names else named
+            rule.ext = provenance_of(primary)
+            rule.provenance = {spec.signals[name].address.tag: provenance_of(name)
+                               for name in watched_names}
+            rule.provenance[spec.signals[primary].address.tag] = rule.ext
         by_key: dict[tuple[str, str], list[_Signal]] = {}
         for name, sig in spec.signals.items():
             self.signal_states[(subject, name)] = signals[name].st

@@ -20,6 +20,17 @@ Binding (CloudEvents 1.0 Kafka protocol binding):
   ``datacontenttype``, value = the JSON of ``data`` alone;
 - structured mode: value = the buffered envelope as is, ``content-type:
   application/cloudevents+json``.
+- Provenance (a forwarder created with ``provenance=True``, as the daemon does): every record
+  also carries the extension attributes ``gatewayid`` (this gateway's id) and ``sequence`` (the
+  event's buffer seq, zero-padded to 20 digits: per gateway, strictly increasing, never reused,
+  so a consumer reading every topic of the gateway sees a gap only where an event was lost;
+  docs/data-products.md). Binary mode: ``ce_gatewayid`` and ``ce_sequence`` headers; structured
+  mode: both spliced in front of the buffered envelope's attributes (no re-encoding). A
+  dead-letter record carries the seq of the event it stands in for. The mapping engine's
+  provenance attributes (``mappingfile``, ``mappinghash``, ...) are in the buffered envelope
+  and become ``ce_*`` headers like any attribute.
+- The catalog (``gateway.CatalogEntry.v1`` events, :mod:`gateway.catalog`) goes to
+  ``catalog_topic`` when it is set.
 - The Kafka record timestamp is the send time, not the event time: events replayed after a
   long outage must not fall behind the topic's retention the moment they arrive.
 
@@ -207,6 +218,15 @@ class KafkaConfig(Strict):
     ``topic_template`` applied to that type, ``digispine.gateway.DeadLetter.v1`` with the default
     template. A dead-letter record carries the event's attributes, size and the reason, never
     its data."""
+    catalog_topic: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,249}$",
+                                      examples=["digispine.catalog"])
+    """Topic of the gateway's catalog (type ``gateway.CatalogEntry.v1``: one record per event
+    type it emits, key ``gateways/<gateway id>/types/<event type>``, value the contract and the
+    JSON Schema of its data; see docs/data-products.md), published at start and after a mapping
+    reload that changed it. Default: ``topic_template`` applied to that type
+    (``digispine.gateway.CatalogEntry.v1`` with the default template). Fit for a compacted topic."""
+    catalog_publish: bool = True
+    """Publish the catalog (through the buffer, like every event). ``false``: never."""
     dead_letter_file_max_bytes: int = Field(default=67_108_864, ge=0)
     """Cap of ``deadletter.jsonl`` in the buffer directory, which keeps each dead-lettered
     event whole (one JSON line with the reason); when the next line would pass the cap the file
@@ -222,7 +242,7 @@ class KafkaConfig(Strict):
             raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {list(_TOPIC_FIELDS)}")
         return value
 
-    @field_validator("dead_letter_topic")
+    @field_validator("dead_letter_topic", "catalog_topic")
     @classmethod
     def _not_dots(cls, value: str | None) -> str | None:
         if value in (".", ".."):
@@ -264,6 +284,11 @@ _SIZE_SLACK = 1024
 and the batch framing (82 bytes) and the length varints fit well within this."""
 DEAD_LETTER_TYPE = "gateway.DeadLetter.v1"
 """CloudEvent type of the record that stands in for an event Kafka can never take."""
+CATALOG_TYPE = "gateway.CatalogEntry.v1"
+"""CloudEvent type of the catalog records (:mod:`gateway.catalog`)."""
+SEQUENCE_DIGITS = 20
+"""The ``sequence`` attribute is the buffer seq zero-padded to this many digits, so that its
+lexicographic order is its numeric order (as the CloudEvents sequence extension asks)."""
 DEAD_LETTER_ID_SUFFIX = "-dead-letter"
 """Appended to the original event's id to make its dead-letter record's id."""
 DEAD_LETTER_FILE = "deadletter.jsonl"
@@ -327,6 +352,12 @@ class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
     time: str
     datacontenttype: str = JSON
     dataschema: str | None = None
+    mappingfile: str | None = None
+    mappingversion: str | None = None
+    mappinghash: str | None = None
+    contractversion: str | None = None
+    sourceconnection: str | None = None
+    sourceaddress: str | None = None
     data: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -354,8 +385,19 @@ def binary_message(body: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
     ]
     if env.dataschema is not None:
         headers.append(("ce_dataschema", env.dataschema.encode()))
+    if env.mappinghash is not None:  # a mapped event: the provenance attributes, as written
+        for name in _PROVENANCE:
+            attr = getattr(env, name)
+            if attr is not None:
+                headers.append(("ce_" + name, attr.encode()))
     headers.append(("content-type", env.datacontenttype.encode()))
     return (b"" if env.data is msgspec.UNSET else bytes(env.data)), headers
+
+
+_PROVENANCE = ("mappingfile", "mappingversion", "mappinghash", "contractversion",
+               "sourceconnection", "sourceaddress")
+"""The mapping engine's provenance attributes, in envelope order
+(:data:`gateway.mapping.contracts.PROVENANCE_ATTRIBUTES`)."""
 
 
 def _binary_message_generic(body: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -483,8 +525,13 @@ class KafkaForwarder:
     """Moves buffered events to Kafka; see the module docstring for the guarantees."""
 
     def __init__(self, config: KafkaConfig, buffer: DiskBuffer, gateway_id: str,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, provenance: bool = False) -> None:
+        """``provenance``: add ``gatewayid`` and ``sequence`` to every record (the daemon
+        does; off by default so that a bare forwarder sends the buffered events unchanged)."""
         self._config = config
+        self._provenance = provenance
+        self._gateway_header = ("ce_gatewayid", gateway_id.encode())
+        self._gateway_json = encode_json(gateway_id)
         self._buffer = buffer
         self._gateway_id = gateway_id
         self._metrics = metrics
@@ -802,6 +849,9 @@ class KafkaForwarder:
         """The topic of a type (cached); ``None`` when the template makes an illegal name."""
         if event_type in self._topics:
             return self._topics[event_type]
+        if event_type == CATALOG_TYPE and self._config.catalog_topic:
+            topic = self._topics[event_type] = self._legal(self._config.catalog_topic)
+            return topic
         topic = self._topics[event_type] = self._legal(
             topic_for(self._config.topic_template, event_type, self._gateway_id))
         return topic
@@ -880,6 +930,8 @@ class KafkaForwarder:
             except (ValueError, TypeError, AttributeError, msgspec.DecodeError) as exc:
                 return _Rejection(r, topic, "invalid_record", type(exc).__name__,
                                   f"undecodable body: {exc}")
+        if self._provenance:
+            value = self._stamp(value, headers, r.seq)
         # The exact size is only worth computing near the limit (see _SIZE_SLACK).
         limit = self._config.max_record_bytes
         if len(r.body) + len(key) + _SIZE_SLACK > limit:
@@ -978,6 +1030,9 @@ class KafkaForwarder:
             for rej, letter in zip(rejections, letters, strict=True):
                 key = rej.record.subject.encode()
                 value, headers = self._encode(encode_json(letter))
+                if self._provenance:  # the sequence of the event it stands in for
+                    headers = list(headers)
+                    value = self._stamp(value, headers, rej.record.seq)
                 batch = _Batch(topic, self._partition(key, partitions), producer.create_batch(),
                                [rej.record.seq])
                 batch.builder.append(timestamp=None, key=key, value=value, headers=headers)
@@ -1050,6 +1105,18 @@ class KafkaForwarder:
             "datacontenttype": JSON,
             "data": data,
         }
+
+    def _stamp(self, value: bytes, headers: list[tuple[str, bytes]], seq: int) -> bytes:
+        """Add ``gatewayid`` and ``sequence`` to a record: binary mode as headers (``headers`` is
+        the record's own list), structured mode spliced into the JSON object ``value``."""
+        if self._config.content_mode == "structured":
+            if value[:1] != b"{" or value[1:2] == b"}":
+                return value  # not an attribute object: leave it as it is
+            return (b'{"gatewayid":' + self._gateway_json + b',"sequence":"'
+                    + str(seq).zfill(SEQUENCE_DIGITS).encode() + b'",' + value[1:])
+        headers.insert(-1, self._gateway_header)
+        headers.insert(-1, ("ce_sequence", str(seq).zfill(SEQUENCE_DIGITS).encode()))
+        return value
 
     def _encode(self, body: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
         """``(value, headers)`` of a structured CloudEvent in the configured content mode."""
