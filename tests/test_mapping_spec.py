@@ -77,13 +77,17 @@ def test_shipped_examples_load_without_findings() -> None:
         "cell01.yaml",
         "cnc101.yaml",
         "cnc102.yaml",
+        "leaktester01.yaml",
         "oven01.yaml",
         "pack01.yaml",
         "press07.yaml",
         "press08.yaml",
+        "screwdriver01.yaml",
     ]
     assert {f.subject for f in files} == {
         "acme/plant1/assembly/line3/cell01",
+        "acme/plant1/assembly/line4/leaktester01",
+        "acme/plant1/assembly/line4/screwdriver01",
         "acme/plant1/heattreat/line1/oven01",
         "acme/plant1/machining/line1/cnc101",
         "acme/plant1/machining/line1/cnc102",
@@ -126,7 +130,29 @@ def test_every_example_is_fed_by_the_simulator() -> None:
         "acme/plant1/machining/line1/cnc101",
         "acme/plant1/machining/line1/cnc102",
         "acme/plant1/packaging/line1/pack01",
+        # the simulator's Sparkplug B edge node (gateway/demo/sparkplug_node.py)
+        "acme/plant1/assembly/line4/screwdriver01",
+        "acme/plant1/assembly/line4/leaktester01",
     }
+
+
+def test_sparkplug_examples_read_exactly_the_metrics_the_demo_edge_node_publishes() -> None:
+    """The Sparkplug examples name the group, edge node, devices and metrics of the demo's
+    edge node."""
+    from gateway.demo import sparkplug_node as node
+
+    read: dict[str, set[str]] = {}
+    for f in load_mappings(MAPPINGS, SHIPPED):
+        for signal in f.spec.signals.values():
+            address = signal.sparkplug
+            if address is None:
+                continue
+            assert (signal.connection, address.group, address.edge_node) == (
+                "plant_mqtt", node.GROUP, node.EDGE_NODE)
+            assert address.device is not None
+            read.setdefault(address.device, set()).add(address.metric)
+    assert read == {node.SCREWDRIVER: set(node.Screwdriver.TYPES),
+                    node.LEAK_TESTER: set(node.LeakTester.TYPES)}
 
 
 def test_shipped_examples_emit_the_documented_event_types() -> None:
@@ -285,7 +311,8 @@ def test_signal_needs_exactly_one_address_block(tmp_path: Path) -> None:
     )
     (only,) = findings(tmp_path)
     assert (
-        ":10:3 signals.temperature: a signal needs exactly one address block (mqtt, opcua, modbus), found none"
+        ":10:3 signals.temperature: a signal needs exactly one address block (mqtt, opcua, modbus, sparkplug), "
+        "found none"
         in only
     )
 
@@ -1120,7 +1147,7 @@ def test_examples_copied_elsewhere_still_load(tmp_path: Path) -> None:
     """Nothing in the examples depends on where the directory is."""
     for path in MAPPINGS.glob("*.yaml"):
         shutil.copy(path, tmp_path / path.name)
-    assert len(load_mappings(tmp_path, SHIPPED)) == 7
+    assert len(load_mappings(tmp_path, SHIPPED)) == 9
 
 
 # --- the model itself --------------------------------------------------------------------
@@ -1135,7 +1162,7 @@ def test_json_schema_documents_every_field() -> None:
             assert prop.get("description"), f"{name}.{key} has no description"
     signal = schema["$defs"]["SignalSpec"]
     assert signal["oneOf"] == [{"required": ["mqtt"]}, {"required": ["opcua"]},
-                               {"required": ["modbus"]}]
+                               {"required": ["modbus"]}, {"required": ["sparkplug"]}]
     assert signal["properties"]["mqtt"]["$ref"] == "#/$defs/MqttAddress"
     assert schema["properties"]["version"]["const"] == 1
 

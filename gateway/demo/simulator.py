@@ -1,4 +1,5 @@
-"""A simulated shop floor publishing to MQTT: two stamping presses and a heat-treatment oven.
+"""A simulated shop floor publishing to MQTT: two stamping presses, a heat-treatment oven, a robot
+cell, and a Sparkplug B edge node with a screwdriver and a leak tester.
 
 Every ``interval_s`` each machine publishes its state and its telemetry, QoS 1, as JSON objects
 whose ``ts`` is Unix seconds (a float). The topics and keys are a contract with the example
@@ -16,6 +17,12 @@ times and a Fault now and then; their spindle turns and their part counter count
 Running. The oven heats, soaks at its set point, cools, and faults rarely; its zone temperatures
 follow the state. The machines advance by ``interval_s`` of simulated time per tick, drawn from
 one ``random.Random(seed)``: a given seed gives the same sequence of states and values.
+
+With the default machines the simulator also runs a Sparkplug B edge node on the same broker
+(:mod:`gateway.demo.sparkplug_node`: group ``plant1``, edge node ``assembly-gw``, devices
+``screwdriver01`` and ``leaktester01``), which :meth:`ShopFloorSimulator.start` starts and
+:meth:`ShopFloorSimulator.stop` stops (:meth:`ShopFloorSimulator.publish_once` publishes only the
+JSON machines).
 
 The rest of the demo's shop floor speaks the other protocols: two CNC machines behind an OPC UA
 server (:mod:`gateway.demo.opcua_server`) and a packaging machine on Modbus TCP
@@ -45,9 +52,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway.demo.sparkplug_node import DEVICES, AssemblyEdgeNode
+
 QOS = 1
 CONNECT_WAIT_S = 10.0
 """How long :meth:`ShopFloorSimulator.publish_once` waits for the broker."""
+SPARKPLUG_HOST_ID = "digispine-edge-demo-01"
+"""The primary host application the demo's edge node re-births for when it says online (the
+``sparkplug_host_id`` of ``plant_mqtt`` in ``config/gateway.yaml``)."""
 
 PRESS_STATES = ("Idle", "Setup", "Running", "Fault")
 OVEN_STATES = ("Idle", "Heating", "Soaking", "Cooling", "Fault")
@@ -246,7 +258,8 @@ class ShopFloorSimulator:
     """
 
     def __init__(self, host: str, port: int, interval_s: float = 1.0, seed: int | None = None,
-                 machines: Sequence[Machine] | None = None) -> None:
+                 machines: Sequence[Machine] | None = None,
+                 sparkplug: bool | None = None) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
         self.host = host
@@ -255,6 +268,12 @@ class ShopFloorSimulator:
         self.machines = tuple(machines if machines is not None else DEFAULT_MACHINES)
         rng = random.Random(seed)
         self._models = [(m, model_for(m, rng)) for m in self.machines]
+        self.edge_node: AssemblyEdgeNode | None = None
+        """The Sparkplug B edge node (by default with the default machines only)."""
+        if sparkplug if sparkplug is not None else machines is None:
+            self.edge_node = AssemblyEdgeNode(
+                host, port, interval_s=interval_s, seed=None if seed is None else seed + 1,
+                host_id=SPARKPLUG_HOST_ID)
         self._lock = threading.Lock()
         self._published = 0
         self._stop = threading.Event()
@@ -278,6 +297,8 @@ class ShopFloorSimulator:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="shop-floor-simulator", daemon=True)
         self._thread.start()
+        if self.edge_node is not None:
+            self.edge_node.start()
 
     def stop(self) -> None:
         """Stop publishing and disconnect (within about a second)."""
@@ -285,6 +306,8 @@ class ShopFloorSimulator:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if self.edge_node is not None:
+            self.edge_node.stop()
         if self._network_started:
             self._client.disconnect()
             self._client.loop_stop()
@@ -357,8 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     names = ", ".join(m.name for m in simulator.machines)
-    print(f"simulator: {names} -> mqtt://{args.host}:{args.port} every {args.interval_s:g} s "
-          "(Ctrl-C stops)", flush=True)
+    node = simulator.edge_node
+    sparkplug = ("" if node is None else f"; Sparkplug B edge node {node.group}/{node.edge_node} "
+                 f"({', '.join(DEVICES)})")
+    print(f"simulator: {names} -> mqtt://{args.host}:{args.port} every {args.interval_s:g} s"
+          f"{sparkplug} (Ctrl-C stops)", flush=True)
     simulator.start()
     try:
         while not done.wait(0.5):

@@ -192,6 +192,9 @@ async def _consume(bootstrap: str, pattern: str, duration_s: float | None,
     consumer.subscribe(pattern=pattern)
     await consumer.start()
     deadline = None if duration_s is None else time.monotonic() + duration_s
+    # A pattern subscription without a group starts each partition from the beginning again
+    # when a new topic appears: print each record once.
+    printed: dict[tuple[str, int], int] = {}
     try:
         while deadline is None or time.monotonic() < deadline:
             if gateway.poll() is not None:
@@ -199,6 +202,10 @@ async def _consume(bootstrap: str, pattern: str, duration_s: float | None,
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 for record in records:
+                    key = (record.topic, record.partition)
+                    if record.offset <= printed.get(key, -1):
+                        continue
+                    printed[key] = record.offset
                     seen[0] += 1
                     print(_format(record), flush=True)
     finally:
@@ -215,4 +222,6 @@ def _format(record: Any) -> str:
         envelope = decode_envelope(record.value)
         when, kind, subject = envelope.get("time", ""), envelope.get("type", "?"), envelope.get("subject", "")
         data = encode_json(envelope.get("data")).decode()
+    if kind == "gateway.CatalogEntry.v1":  # a whole contract and JSON Schema: too long to show
+        data = "{...} (the event type's contract, see docs/data-products.md)"
     return f"{when[11:23]}  {kind:<34} {subject:<40} {data}"

@@ -488,10 +488,12 @@ def _lint_connection(
             f"release; only {supported} connections can be mapped in this version"
         )
         return [located.finding(path, message, at_value=True)]
-    if signal.protocol != protocol:
+    if signal.connection_protocol != protocol:
+        others = "".join(f" (or a '{b}' block)" for b, p in spec.BLOCK_CONNECTION_PROTOCOL.items()
+                         if p == protocol)
         message = (
             f"connection '{conn}' is a {protocol} connection but this signal has a "
-            f"'{signal.protocol}' address block; use a '{protocol}' block"
+            f"'{signal.protocol}' address block; use a '{protocol}' block{others}"
         )
         return [located.finding(["signals", name, signal.protocol], message)]
     if signal.opcua is not None:
@@ -897,7 +899,7 @@ def _address_conflicts(
             first_where = (_where(first_located, ["signals", first_name, signal.protocol])
                            + f" signals.{first_name}")
             mine, theirs = address.model_dump(), first.model_dump()
-            differ = ", ".join(k for k in mine if mine[k] != theirs[k])
+            differ = ", ".join(k for k in mine if mine[k] != theirs.get(k))
             out.append(
                 one.located.finding(
                     path,

@@ -27,6 +27,8 @@ connections are checked by :mod:`gateway.mapping.loader`):
 - ``version`` is exactly the integer 1;
 - a signal has exactly one protocol address block; the block's key is the protocol name
   (:data:`PROTOCOL_BLOCKS`), so adding OPC UA is adding an ``opcua`` field and an entry there;
+  a block carried by a connection of another protocol (``sparkplug``, read by an ``mqtt``
+  connection) says so in :data:`BLOCK_CONNECTION_PROTOCOL`;
 - ``scale``/``offset`` only on numeric signals, whole numbers on ``integer`` ones (an integer
   signal stays an integer);
 - ``enum`` labels: a mapping of codes to labels on ``integer`` and ``string`` signals (codes of
@@ -74,6 +76,7 @@ from gateway.mapping.cases import MappingTest
 from gateway.sources.modbus import ModbusAddress
 from gateway.sources.mqtt import MqttAddress
 from gateway.sources.opcua import OpcUaAddress
+from gateway.sources.sparkplug import SparkplugAddress
 
 FORMAT_VERSION = 1
 """The only mapping format version this gateway reads."""
@@ -96,8 +99,13 @@ NUMERIC_TYPES: frozenset[str] = frozenset({"float", "integer"})
 
 PROTOCOL_BLOCKS: dict[str, type[Strict]] = {
     "mqtt": MqttAddress, "opcua": OpcUaAddress, "modbus": ModbusAddress,
+    "sparkplug": SparkplugAddress,
 }
 """Protocol name -> its address model; a signal field of the same name holds the block."""
+
+BLOCK_CONNECTION_PROTOCOL: dict[str, str] = {"sparkplug": "mqtt"}
+"""Address blocks read through a connection of another protocol: Sparkplug B metrics arrive
+over an ``mqtt`` connection. A block not listed needs a connection of its own name."""
 
 DATA_SOURCE_KINDS: tuple[str, ...] = (
     "signal",
@@ -146,7 +154,7 @@ AttributeName = Annotated[str, Field(pattern=NAME_PATTERN, examples=["line", "ma
 FieldName = Annotated[str, Field(pattern=FIELD_PATTERN, examples=["state", "previous_state"])]
 
 
-Address = MqttAddress | OpcUaAddress | ModbusAddress
+Address = MqttAddress | OpcUaAddress | ModbusAddress | SparkplugAddress
 """Any protocol address block; each has ``.tag``,
 the address as :attr:`gateway.model.Signal.tag` carries it."""
 
@@ -294,6 +302,10 @@ class SignalSpec(Strict):
     modbus: ModbusAddress | None = None
     """Address of the value on a Modbus connection: unit, table and address (zero-based, or an
     HMI reference such as 40001), the data type and its byte order."""
+    sparkplug: SparkplugAddress | None = None
+    """Address of a Sparkplug B metric on an MQTT connection: ``group``, ``edge_node``,
+    ``device`` (omitted for a metric of the edge node itself) and ``metric`` (see
+    ``docs/sparkplug.md``)."""
     type: SignalType = Field(examples=["float", "string"])
     """Type of the converted value: ``float`` and ``integer`` accept numbers and numeric
     strings; ``boolean`` accepts booleans, 0/1 and "true"/"false"; ``string`` accepts any
@@ -386,6 +398,13 @@ class SignalSpec(Strict):
     def protocol(self) -> str:
         """The protocol of the address block (``mqtt``, ...)."""
         return next(name for name in PROTOCOL_BLOCKS if getattr(self, name) is not None)
+
+    @property
+    def connection_protocol(self) -> str:
+        """The protocol of the connection that reads the address block (``mqtt`` for a
+        ``sparkplug`` block)."""
+        block = self.protocol
+        return BLOCK_CONNECTION_PROTOCOL.get(block, block)
 
     @property
     def address(self) -> Address:

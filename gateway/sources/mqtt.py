@@ -68,6 +68,24 @@ Malformed payloads
     subscription an older mapping left in the persistent session) is acknowledged and counted in
     ``mqtt_unmatched_messages_total``.
 
+Sparkplug B
+    Signals with a ``sparkplug`` address block (:class:`~gateway.sources.sparkplug.SparkplugAddress`)
+    make the source a Sparkplug B host application as well: one
+    :class:`~gateway.sources.sparkplug.SparkplugHost` per source, built from those addresses,
+    subscribes to ``spBv1.0/<group>/#`` per group (never as a ``shared_group`` member: a host
+    follows every message of a node) and, with ``sparkplug_host_id``, to its own STATE topic.
+    The host is not thread-safe and is called from one thread at a time: during a connection
+    only from the paho thread (``on_message``, and the STATE messages in ``on_connect``), between
+    two connections from the asyncio loop. A Sparkplug PUBLISH is one Delivery like any other,
+    acknowledged after the buffer even when it yields no signal; the commands the host returns
+    (the NCMD ``Node Control/Rebirth``, its STATE) are published from the paho thread. With a
+    ``sparkplug_host_id`` the CONNECT carries the offline STATE as its will, the online STATE
+    (QoS 1, retained) follows the CONNACK and the offline one is published on a clean stop. A
+    lost connection turns every born metric BAD: ``run`` emits those signals as one Delivery
+    (nothing to acknowledge) before raising. The host's counts are turned into metrics by the
+    pump (``sparkplug_*_total``), from a snapshot taken after each message on the paho thread;
+    a payload the host cannot use counts as a malformed payload of its group's filter.
+
 Throughput note
     With QoS 1 the broker sends at most its ``max_inflight_messages`` (mosquitto: 20) messages
     not yet acknowledged; since acknowledgements wait for the buffer's commit, a connection
@@ -89,7 +107,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -124,6 +142,16 @@ from gateway.errors import SourceUnavailable
 from gateway.metrics import Metrics
 from gateway.model import Quality, Signal, representable
 from gateway.sources.base import Delivery, Emit
+from gateway.sources.sparkplug import (
+    NAMESPACE as SPARKPLUG_NAMESPACE,
+)
+from gateway.sources.sparkplug import (
+    REBIRTH_INTERVAL_S,
+    SparkplugAddress,
+    SparkplugHost,
+    id_problem,
+    publish_options,
+)
 
 SESSION_EXPIRY_DEFAULT_S = 7 * 24 * 3600
 """MQTT 5 session expiry by default: a week, longer than any planned outage of a gateway."""
@@ -238,6 +266,34 @@ class MqttConnectionConfig(Strict):
     """TLS settings (``ca_file``, ``cert_file``, ``key_file``, ``key_password``,
     ``insecure_skip_verify``, ``server_name``, ``min_version``; see ``docs/mqtt.md``), or
     ``true`` for TLS with the system's CAs; omitted, null or ``false``: plain TCP."""
+    sparkplug_host_id: str | None = Field(default=None, examples=["digispine-edge-demo-01"])
+    """Sparkplug B only (signals with a ``sparkplug`` block): the host application id. With it
+    the gateway publishes its STATE on ``spBv1.0/STATE/<id>`` (QoS 1, retained; online after
+    connecting, offline on a clean stop and as the will of the connection), so that edge nodes
+    configured for this primary host wait for it. Omitted: no STATE (see
+    ``docs/sparkplug.md``)."""
+    sparkplug_rebirth: bool = True
+    """Sparkplug B only: ask an edge node for a rebirth (an NCMD ``Node Control/Rebirth``) when
+    its messages cannot be resolved (data before its birth, an unknown alias, a ``seq`` gap).
+    ``false`` makes a read-only host that publishes no command and waits for the births."""
+    sparkplug_rebirth_on_gap: bool = True
+    """Sparkplug B only: a ``seq`` gap (a lost or reordered message) asks for a rebirth too;
+    ``false``: gaps are only counted (``sparkplug_sequence_gaps_total``)."""
+    sparkplug_rebirth_interval_s: float = Field(default=REBIRTH_INTERVAL_S, gt=0, le=3600)
+    """Sparkplug B only: after a rebirth request, how long the edge node has to answer with its
+    NBIRTH before another request may be sent."""
+    sparkplug_include_historical: bool = False
+    """Sparkplug B only: pass on metrics flagged ``is_historical`` (an edge node's
+    store-and-forward) with their own timestamps; by default they are dropped and counted, as
+    the mapping would take an old reading for the current one."""
+
+    @field_validator("sparkplug_host_id")
+    @classmethod
+    def _valid_host_id(cls, value: str | None) -> str | None:
+        problem = None if value is None else id_problem(value)
+        if problem:
+            raise ValueError(f"a Sparkplug host id {problem}")
+        return value
 
     @field_validator("tls", mode="before")
     @classmethod
@@ -686,6 +742,10 @@ class _Body:
         return self._times[path]
 
 
+_NO_COMMANDS: list[tuple[str, bytes]] = []
+_NCMD = "NCMD"
+
+
 @dataclass(slots=True)
 class _Parsed:
     """What one PUBLISH gave: signals, and per subscription filter the first problem seen."""
@@ -694,6 +754,29 @@ class _Parsed:
     signals: list[Signal]
     problems: dict[str, str]
     matched: bool
+    commands: list[tuple[str, bytes]] = field(default_factory=lambda: _NO_COMMANDS)
+    """Sparkplug: what the host asks to publish (published on the paho thread)."""
+    sparkplug: tuple[int, ...] | None = None
+    """Sparkplug: the host's counts after this message (:func:`_sparkplug_counts`); None when
+    the host did not read the message."""
+
+
+_SPARKPLUG_COUNTERS: tuple[tuple[str, str], ...] = (
+    ("seq_gaps", "sparkplug_sequence_gaps_total"),
+    ("unknown_aliases", "sparkplug_unknown_aliases_total"),
+    ("rebirths_requested", "sparkplug_rebirths_requested_total"),
+    ("dropped_values", "sparkplug_dropped_values_total"),
+    ("stale_deaths", "sparkplug_stale_deaths_total"),
+    ("historical_dropped", "sparkplug_historical_dropped_total"),
+    ("ignored", "sparkplug_ignored_messages_total"),
+)
+"""``SparkplugStats`` attribute -> the counter it feeds (labels: ``connection``)."""
+
+
+def _sparkplug_counts(host: SparkplugHost) -> tuple[int, ...]:
+    stats = host.stats
+    return (stats.seq_gaps, stats.unknown_aliases, stats.rebirths_requested,
+            stats.dropped_values, stats.stale_deaths, stats.historical_dropped, stats.ignored)
 
 
 @dataclass(slots=True)
@@ -715,8 +798,9 @@ class MqttSource:
     """At most one ``mqtt.malformed_payload`` warning per subscription filter per this many
     seconds (every occurrence is counted regardless)."""
 
-    def __init__(self, name: str, config: MqttConnectionConfig, addresses: Sequence[MqttAddress],
-                 client_id: str, metrics: Metrics) -> None:
+    def __init__(self, name: str, config: MqttConnectionConfig,
+                 addresses: Sequence[MqttAddress | SparkplugAddress], client_id: str,
+                 metrics: Metrics) -> None:
         if not addresses:
             raise ValueError(f"MQTT connection {name} has no address to subscribe to")
         if not client_id and config.session == "persistent":
@@ -726,14 +810,34 @@ class MqttSource:
         self.client_id = client_id
         self._metrics = metrics
         self._log = logs.get("mqtt", source=name)
+        plain: list[MqttAddress] = []
+        sparkplug: list[SparkplugAddress] = []
+        for address in addresses:
+            if isinstance(address, SparkplugAddress):
+                sparkplug.append(address)
+            elif isinstance(address, MqttAddress):
+                plain.append(address)
+            else:
+                raise TypeError(f"MQTT connection {name} cannot read a "
+                                f"{type(address).__name__}")
+        self.sparkplug: SparkplugHost | None = None
+        """The Sparkplug B host of the ``sparkplug`` addresses, if any (see the module doc)."""
+        if sparkplug:
+            self.sparkplug = SparkplugHost(
+                sparkplug, connection=name, host_id=config.sparkplug_host_id,
+                request_rebirth=config.sparkplug_rebirth,
+                rebirth_on_gap=config.sparkplug_rebirth_on_gap,
+                rebirth_interval_s=config.sparkplug_rebirth_interval_s,
+                include_historical=config.sparkplug_include_historical)
         by_filter: dict[str, list[_Binding]] = {}
         qos: dict[str, int] = {}
-        for address in addresses:
+        for address in plain:
             binding = _Binding.of(address)
             by_filter.setdefault(binding.filter, []).append(binding)
             wanted = config.qos if address.qos is None else address.qos
             qos[binding.filter] = max(qos.get(binding.filter, 0), wanted)
         self._by_filter = {f: tuple(bs) for f, bs in by_filter.items()}
+        group = config.shared_group
         self.topic_filters: tuple[str, ...] = tuple(self._by_filter)
         """The distinct subscription filters, in address order."""
         self.subscriptions: tuple[tuple[str, int], ...] = tuple(
@@ -746,6 +850,17 @@ class MqttSource:
                                                   strict=True):
             sid = subscription_id(subscribed)
             self._by_id[sid] = (*self._by_id.get(sid, ()), topic_filter)
+        self.sparkplug_filters: tuple[str, ...] = ()
+        """The Sparkplug host's filters (``spBv1.0/<group>/#``, its STATE topic), subscribed
+        as they are: never in a shared group."""
+        self._sparkplug_ids: frozenset[int] = frozenset()
+        self._sparkplug_counted: tuple[int, ...] = (0,) * len(_SPARKPLUG_COUNTERS)
+        """The host's counts already turned into metrics (by the pump)."""
+        if self.sparkplug is not None:
+            self.sparkplug_filters = tuple(self.sparkplug.subscriptions())
+            self.subscriptions += tuple((f, config.qos) for f in self.sparkplug_filters
+                                        if f not in self.topic_filters or group is not None)
+            self._sparkplug_ids = frozenset(subscription_id(f) for f in self.sparkplug_filters)
         self.tls = config.tls_settings
         self._matches: dict[tuple[str, tuple[int, ...] | None], tuple[_Binding, ...]] = {}
         self._throttles: dict[str, _Throttle] = {}
@@ -776,6 +891,7 @@ class MqttSource:
         link = _Link(self, asyncio.get_running_loop(), emit)
         self._link = link
         reason = "stopped"
+        lost = False
         try:
             await link.open()
             await link.ended
@@ -783,13 +899,15 @@ class MqttSource:
             await link.quiesce(self.stop_ack_timeout_s)
             raise
         except BaseException as exc:
-            reason = str(exc)
+            reason, lost = str(exc), True
             raise
         finally:
             self._link = None
             await link.close()
             if link.connected:
                 self._log.info("mqtt.disconnected", broker=self.where, reason=reason)
+            # The paho thread is joined: the Sparkplug host is the loop's until the next link.
+            await self._sparkplug_link_ended(emit, lost)
 
     def _warn_config(self) -> None:
         """Settings that work but deserve a line in the log, once per source."""
@@ -804,6 +922,12 @@ class MqttSource:
                                    "MQTT client keeps that state in memory only, so messages in "
                                    "flight when the gateway is killed are lost. QoS 1 is "
                                    "at-least-once across crashes")
+        if self.sparkplug is not None and cfg.shared_group is not None:
+            self._log.warning("mqtt.sparkplug_not_shared", broker=self.where,
+                              topics=list(self.sparkplug_filters),
+                              hint="a Sparkplug B host must see every message of an edge node "
+                                   "(seq, births): its topics are subscribed without "
+                                   "shared_group, so every gateway of the group reads them")
         if self.tls is None and cfg.port == 8883:
             self._log.warning("mqtt.plain_on_tls_port", broker=self.where,
                               hint="port 8883 is the MQTT-over-TLS port by convention, but tls "
@@ -839,7 +963,36 @@ class MqttSource:
         properties = getattr(msg, "properties", None)
         sids = (getattr(properties, "SubscriptionIdentifier", None) if properties is not None
                 else None)
-        bindings = self._match(topic, tuple(sids) if sids else None)
+        parsed = self._parse_plain(msg, topic, tuple(sids) if sids else None, receive_time)
+        host = self.sparkplug
+        if host is not None and self._for_sparkplug(topic, sids):
+            out = host.on_message(topic, bytes(msg.payload), receive_time)
+            parsed.matched = True
+            parsed.signals += out.signals
+            if out.commands:
+                parsed.commands = out.commands
+            if out.malformed is not None:
+                parsed.problems.setdefault(self._sparkplug_filter(topic), out.malformed)
+            parsed.sparkplug = _sparkplug_counts(host)
+        return parsed
+
+    def _for_sparkplug(self, topic: str, sids: Sequence[int] | None) -> bool:
+        """Whether a message is one for the Sparkplug host: by the subscription identifiers
+        the broker sent with it (MQTT 5), else by its topic."""
+        if sids:
+            return any(i in self._sparkplug_ids for i in sids)
+        return topic.startswith(SPARKPLUG_NAMESPACE) and any(
+            topic_matches_sub(f, topic) for f in self.sparkplug_filters)
+
+    def _sparkplug_filter(self, topic: str) -> str:
+        """The Sparkplug filter a topic came through (for the malformed-payload counter)."""
+        return next((f for f in self.sparkplug_filters if topic_matches_sub(f, topic)),
+                    self.sparkplug_filters[0] if self.sparkplug_filters else topic)
+
+    def _parse_plain(self, msg: MQTTMessage, topic: str, sids: tuple[int, ...] | None,
+                     receive_time: float) -> _Parsed:
+        """The signals of the plain (``mqtt``) addresses a message feeds."""
+        bindings = self._match(topic, sids) if self._by_filter else ()
         body = _Body(msg.payload)
         signals: list[Signal] = []
         problems: dict[str, str] = {}
@@ -890,10 +1043,37 @@ class MqttSource:
             self._metrics.inc("signals_received_total", len(parsed.signals), connection=self.name)
         if not parsed.matched:
             self._metrics.inc("mqtt_unmatched_messages_total", connection=self.name)
+        if parsed.sparkplug is not None:
+            self._account_sparkplug(parsed)
         for topic_filter, reason in parsed.problems.items():
             self._metrics.inc("mqtt_malformed_payloads_total", connection=self.name,
                               topic=topic_filter)
             self._warn_malformed(topic_filter, parsed.topic, reason)
+
+    def _account_sparkplug(self, parsed: _Parsed) -> None:
+        counts = parsed.sparkplug
+        if counts is None or counts == self._sparkplug_counted:
+            return
+        for (_, metric), now, before in zip(_SPARKPLUG_COUNTERS, counts,
+                                            self._sparkplug_counted, strict=True):
+            if now > before:
+                self._metrics.inc(metric, now - before, connection=self.name)
+        self._sparkplug_counted = counts
+        for topic, _ in parsed.commands:
+            if f"/{_NCMD}/" in topic:
+                self._log.info("mqtt.sparkplug_rebirth_requested", message_topic=parsed.topic,
+                               command_topic=topic)
+
+    async def _sparkplug_link_ended(self, emit: Emit, lost: bool) -> None:
+        """Between two connections, on the asyncio loop: the host forgets every session; when
+        the connection was lost, the metrics it had born are emitted BAD (nothing to ack)."""
+        if self.sparkplug is None:
+            return
+        signals = self.sparkplug.on_connection_lost(time.time())
+        if signals and lost:
+            self._metrics.inc("signals_received_total", len(signals), connection=self.name)
+            with contextlib.suppress(Exception):  # the loss is what `run` reports
+                await emit(Delivery(signals))
 
     def _warn_malformed(self, topic_filter: str, topic: str, reason: str) -> None:
         throttle = self._throttles.setdefault(topic_filter, _Throttle())
@@ -950,6 +1130,9 @@ class _Link:
         self._open_done = threading.Event()
         self._disconnected = threading.Event()
         """Set by paho once the socket is closed, after what was queued (acks, DISCONNECT)."""
+        self._state_offline: tuple[str, bytes] | None = None
+        """Sparkplug: the host's offline STATE of this connection (the will, and what a clean
+        stop publishes); None without ``sparkplug_host_id``."""
         self.client = self._new_client()
 
     def _new_client(self) -> Client:
@@ -966,6 +1149,12 @@ class _Link:
             client.username_pw_set(cfg.username, password)
         self._socket_errors = _LastError(f"mqtt.{self.source.name}")
         client.enable_logger(self._socket_errors)
+        host = self.source.sparkplug
+        if host is not None and host.host_id is not None:
+            # Before the paho thread exists: the host is still the asyncio loop's.
+            self._state_offline = host.state_message(False)
+            topic, payload = self._state_offline
+            client.will_set(topic, payload, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -1005,7 +1194,7 @@ class _Link:
         src._log.info("mqtt.connected", broker=src.where, client_id=src.client_id,
                       protocol_version=cfg.protocol_version, tls=src.tls is not None,
                       session=cfg.session, session_present=session_present,
-                      topics=len(src.topic_filters))
+                      topics=len(src.subscriptions))
         if cfg.session == "persistent":
             if src._had_session and not session_present:
                 src._log.warning(
@@ -1128,6 +1317,13 @@ class _Link:
     def _close_blocking(self) -> None:
         if self._open_started:
             self._open_done.wait()
+        if (self._state_offline is not None and self.connected and self._closing
+                and not self._disconnected.is_set() and self.client.is_connected()):
+            # A clean stop: the broker does not publish the will, so say offline ourselves.
+            topic, payload = self._state_offline
+            info = self.client.publish(topic, payload, qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(DISCONNECT_FLUSH_S)
         self.client.disconnect()
         if self.connected:  # let the network thread write the queued PUBACKs and DISCONNECT;
             self._disconnected.wait(DISCONNECT_FLUSH_S)  # loop_stop would drop them
@@ -1159,6 +1355,11 @@ class _Link:
             _, mid = client.subscribe(batch, properties=options)
             if mid is not None:
                 self._subscribe_mids[mid] = batch
+        host = src.sparkplug
+        if host is not None and host.host_id is not None:
+            # After the SUBSCRIBEs (Sparkplug 3.0: subscribe, then say online), same timestamp
+            # as the will.
+            self._publish([host.state_message(True)])
         self._call(self._resolve, self.connack, flags.session_present)
 
     def _on_subscribe(self, _client: Client, _userdata: Any, mid: int,
@@ -1184,6 +1385,8 @@ class _Link:
         except Exception:  # noqa: BLE001 - a bug must neither kill the paho thread nor wedge the message
             self.source._log.exception("mqtt.parse_failed", message_topic=_topic_text(msg))
             parsed = _Parsed(_topic_text(msg), [], {}, matched=True)
+        if parsed.commands and not self._closing:  # stopping: our own offline STATE comes
+            self._publish(parsed.commands)           # back, and is no takeover to answer
         ack = _Ack(self, msg.mid, msg.qos) if msg.qos > 0 else None
         with self._handoff:
             while self._waiting >= self.source.handoff_window and not self._closing:
@@ -1195,6 +1398,13 @@ class _Link:
             wake, self._wake_pending = not self._wake_pending, True
         if wake:
             self._call(self._has_work.set)
+
+    def _publish(self, messages: list[tuple[str, bytes]]) -> None:
+        """On the paho thread: publish what the Sparkplug host asks for (a rebirth request,
+        its STATE); QoS and retain per :func:`~gateway.sources.sparkplug.publish_options`."""
+        for topic, payload in messages:
+            qos, retain = publish_options(topic)
+            self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def _on_disconnect(self, _client: Client, _userdata: Any, _flags: DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
