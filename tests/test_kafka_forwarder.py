@@ -260,6 +260,7 @@ async def test_binary_mode_delivers_in_order_per_key_and_empties_the_buffer(
             "ce_type": TYPE.encode(), "ce_subject": e.subject.encode(),
             "ce_time": e.envelope()["time"].encode(), "content-type": b"application/json"}
     assert metrics.value("events_forwarded_total") == 500
+    assert metrics.value("kafka_records_acked_total", topic=f"{topic_prefix}.{TYPE}") == 500
     assert buffer.pending_events == 0 and await buffer.read(0, 10) == []
 
 

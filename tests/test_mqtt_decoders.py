@@ -488,3 +488,19 @@ async def test_a_broker_without_mqtt_5_is_answered_with_the_setting_to_change() 
         f"MQTT broker {NAME} at 127.0.0.1:{port} refused the connection: Unsupported protocol "
         f"version; the broker does not speak MQTT 5: set protocol_version: 3.1.1 on the "
         f"connection")
+
+
+async def test_a_payload_over_max_payload_bytes_is_acked_counted_and_not_decoded(
+        mqtt_port: int, topic_prefix: str, publish: Publisher) -> None:
+    topic = f"{topic_prefix}/press07/telemetry"
+    metrics = Metrics()
+    src = source(mqtt_port, [MqttAddress(topic=topic, value_path="t")], metrics=metrics,
+                 max_payload_bytes=1024)
+    emit = Collector()
+    async with running(src, emit):
+        publish(topic, b'{"t": 1.5, "pad": "' + b"x" * 2000 + b'"}')
+        publish(topic, b'{"t": 2.5}')
+        await emit.wait(2)
+    assert [[s.value for s in d.signals] for d in emit.deliveries] == [[], [2.5]]
+    assert all(d.ack is not None for d in emit.deliveries)  # acknowledged, not redelivered
+    assert metrics.value("mqtt_malformed_payloads_total", connection=NAME, topic=topic) == 1

@@ -435,6 +435,7 @@ class _Outcome:
     done: list[int] = field(default_factory=list)
     """Seqs to delete: acknowledged (and not behind a failure) or dead-lettered."""
     acked: int = 0
+    acked_by_topic: dict[str, int] = field(default_factory=dict)
     failed_batches: int = 0
     error: BaseException | None = None
     """The first retriable failure, if any: the round ends the connection."""
@@ -565,6 +566,9 @@ class KafkaForwarder:
                       "1 while the forwarder reaches Kafka, 0 while it retries")
         metrics.describe("events_forwarded_total", "Events acknowledged by Kafka")
         metrics.describe("kafka_send_errors_total", "Failed attempts to connect or send to Kafka")
+        metrics.describe("kafka_records_acked_total",
+                         "Records Kafka acknowledged, per topic (with the default topic "
+                         "template: per event type)")
         metrics.describe("kafka_round_seconds_sum",
                          "Time from sending a round of records to all its acknowledgements")
         metrics.describe("kafka_round_seconds_count", "Rounds of records sent to Kafka")
@@ -816,6 +820,8 @@ class KafkaForwarder:
     def _account(self, outcome: _Outcome) -> None:
         if outcome.acked:
             self._metrics.inc("events_forwarded_total", outcome.acked)
+            for topic, n in outcome.acked_by_topic.items():
+                self._metrics.inc("kafka_records_acked_total", n, topic=topic)
             self._delivered += outcome.acked
             self.last_ack_time = time.time()
             self._came_up()
@@ -979,6 +985,8 @@ class KafkaForwarder:
         for batch, result in zip(batches, results, strict=True):
             if not isinstance(result, BaseException):
                 out.acked += len(batch.seqs)
+                out.acked_by_topic[batch.topic] = (out.acked_by_topic.get(batch.topic, 0)
+                                                   + len(batch.seqs))
                 continue
             out.failed_batches += 1
             if isinstance(result, _PERMANENT) and len(batch.seqs) == 1:

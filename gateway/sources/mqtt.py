@@ -251,6 +251,10 @@ class MqttConnectionConfig(Strict):
     """First reconnect delay after a lost connection; doubles up to ``reconnect_max_s``."""
     reconnect_max_s: float = Field(default=30.0, gt=0)
     """Longest reconnect delay."""
+    max_payload_bytes: int = Field(default=1_048_576, ge=64, le=268_435_455)
+    """Largest payload decoded; a larger message is acknowledged, yields no signal and counts
+    as malformed (``payload of N bytes exceeds max_payload_bytes``): one runaway publisher
+    cannot exhaust the edge PC's memory."""
     qos: Literal[0, 1, 2] = 1
     """Subscription QoS of addresses that do not set their own ``qos``. With 1 (the default) a
     message is acknowledged to the broker only after its events are durably buffered
@@ -963,6 +967,14 @@ class MqttSource:
         properties = getattr(msg, "properties", None)
         sids = (getattr(properties, "SubscriptionIdentifier", None) if properties is not None
                 else None)
+        size = len(msg.payload)
+        if size > self.config.max_payload_bytes:
+            bindings = self._match(topic, tuple(sids) if sids else None) if self._by_filter else ()
+            where = (bindings[0].filter if bindings else
+                     self._sparkplug_filter(topic) if self.sparkplug is not None else topic)
+            return _Parsed(topic, [], {where: f"payload of {size} bytes exceeds "
+                                              f"max_payload_bytes ({self.config.max_payload_bytes})"},
+                           matched=True)
         parsed = self._parse_plain(msg, topic, tuple(sids) if sids else None, receive_time)
         host = self.sparkplug
         if host is not None and self._for_sparkplug(topic, sids):
