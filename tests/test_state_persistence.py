@@ -250,7 +250,11 @@ async def test_after_kill_9_the_daemon_continues_counters_and_transitions(
         client.publish(topic, json.dumps(fields), qos=1).wait_for_publish(timeout=10)
 
     client = publisher(mqtt_port)
-    gw = GatewayProcess(config, tmp_path / "gw1.log")
+    # buffer_appended_total below counts mapped events only: no status or catalog events
+    quiet = {"DIGISPINE_HEALTH__HEARTBEAT_INTERVAL_S": "0",
+             "DIGISPINE_HEALTH__CONNECTION_EVENTS": "false",
+             "DIGISPINE_KAFKA__CATALOG_PUBLISH": "false"}
+    gw = GatewayProcess(config, tmp_path / "gw1.log", env=quiet)
     gw.wait_sources_running()
     send(client, parts=10_000, state="Idle", ts=1_700_000_000)
     send(client, parts=10_004, state="Running", ts=1_700_000_060)
@@ -258,7 +262,7 @@ async def test_after_kill_9_the_daemon_continues_counters_and_transitions(
     gw.kill()
 
     send(client, parts=10_007, state="Fault", ts=1_700_000_300)  # while the gateway is down
-    gw2 = GatewayProcess(config, tmp_path / "gw2.log")
+    gw2 = GatewayProcess(config, tmp_path / "gw2.log", env=quiet)
     try:
         gw2.wait_sources_running()
         send(client, parts=10_008, state="Fault", ts=1_700_000_310)

@@ -353,10 +353,13 @@ class Ledger:
         if data != {"n": n, "line": "line1"}:
             self.unknown.append(f"{where}: data altered: {data}")
             return
-        seen = self.bytes_of.setdefault(ce_id, (record.value, headers))
-        if seen != (record.value, headers):
-            self.id_conflicts.append(f"{where}: same id, other bytes: {seen[0]!r} vs "
-                                     f"{record.value!r}")
+        # The event's bytes, without ce_sequence: the buffer position of this delivery (a
+        # redelivered message is buffered again, at a new seq; docs/data-products.md).
+        content = tuple(h for h in headers if h[0] != "ce_sequence")
+        seen = self.bytes_of.setdefault(ce_id, (record.value, content))
+        if seen != (record.value, content):
+            self.id_conflicts.append(f"{where}: same id, other bytes: {seen!r} vs "
+                                     f"{(record.value, content)!r}")
         key = (machine, n)
         if key in self.first:
             if self.first[key] != ce_id:
