@@ -120,6 +120,16 @@ def test_mapped_events_carry_their_provenance(tmp_path: Path) -> None:
     assert re.fullmatch(r"[0-9a-f]{16}", envelope["mappinghash"])
 
 
+def test_a_file_revision_is_the_mappingversion(tmp_path: Path) -> None:
+    directory = tmp_path / "m"
+    directory.mkdir()
+    (directory / "m1.yaml").write_text(MAPPING.replace("version: 1\n", "version: 1\n"
+                                                       "revision: 2026-11-29.1\n", 1))
+    mapper = Mapper(load_mappings(directory, CONNECTIONS), "gw1")
+    (event,) = mapper.map(Signal("plant_mqtt", "m1/state", "Idle", source_time=1.7e9))
+    assert event.extensions["mappingversion"] == "2026-11-29.1"
+
+
 def test_a_condition_names_the_address_of_the_reading_that_fired_it(tmp_path: Path) -> None:
     mapper = _mapper(tmp_path)  # no contract: no contractversion
     kind = "test.DoorOpenWhileRunning.v1"

@@ -463,7 +463,7 @@ def provenance(file_name: str, mapping: spec.MappingSpec, digest: str, contract:
     (computed once per file, event and address, never per event)."""
     out = {
         "mappingfile": file_name,
-        "mappingversion": str(mapping.version),
+        "mappingversion": mapping.revision or str(mapping.version),
         "mappinghash": digest,
     }
     if contract is not None:

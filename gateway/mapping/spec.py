@@ -859,6 +859,12 @@ class MappingSpec(Strict):
 
     version: Literal[1]
     """Format version of this file; this gateway reads version 1."""
+    revision: str | None = Field(default=None, min_length=1, max_length=64,
+                                 pattern=r"^[A-Za-z0-9._+-]+$",
+                                 examples=["2026-11-29.1", "3", "v1.4.0"])
+    """This file's own revision, chosen by its authors (a date, a number, a release): every
+    event it emits carries it as the ``mappingversion`` attribute (with the file's content
+    hash as ``mappinghash``). Without it ``mappingversion`` is the format version."""
     asset: Asset
     """The asset: subject and static attributes."""
     signals: dict[SignalName, SignalSpec] = Field(min_length=1)
