@@ -187,10 +187,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(config: str | None) -> tuple[GatewaySettings, list[MappingFile], Path]:
     from gateway.mapping.loader import load_mappings
+    from gateway.security import plaintext_errors
     from gateway.settings import find_config, load_settings
 
     path = find_config(config)
     settings = load_settings(path)
+    refused = plaintext_errors(settings, path)
+    if refused:
+        raise ConfigError(refused)
     protocols = {name: conn.protocol for name, conn in settings.connections.items()}
     files = load_mappings(settings.mappings.directory, protocols)
     return settings, files, path

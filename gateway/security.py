@@ -5,7 +5,9 @@ once at start (``config.warning``). They name what an administrator should chang
 
 - a secret (``password``, ``sasl_password``, ``key_password``, ...) written in the YAML file in
   clear: it belongs in the environment or a credentials file (systemd ``LoadCredential=``);
-- Kafka, MQTT or OPC UA without transport security to a host that is not this machine;
+- Kafka, MQTT or OPC UA without transport security to a host that is not this machine (for
+  Kafka and MQTT that is an *error* unless ``allow_plaintext: true``, see
+  :func:`plaintext_errors`);
 - the health/metrics endpoint listening beyond localhost;
 - a PKI or credentials file that other users can read.
 """
@@ -93,6 +95,41 @@ def config_warnings(settings: GatewaySettings, path: Path) -> list[Finding]:
                       f"machine; keep it on 127.0.0.1 unless a monitoring agent elsewhere must "
                       f"scrape it (and then firewall it)"))
     out += _loose_files(settings)
+    return out
+
+
+def plaintext_errors(settings: GatewaySettings, path: Path) -> list[Finding]:
+    """Links that would carry data in clear to another machine without the configuration
+    saying so (``allow_plaintext: true``): errors, located, for ``validate`` and ``run``."""
+    try:
+        _, located = yamlfile.load(path)
+    except Exception:  # noqa: BLE001 - load_settings read it already; positions are a bonus
+        located = None
+
+    def at(keys: Sequence[str | int], message: str) -> Finding:
+        if located is not None:
+            try:
+                return located.finding(list(keys), message)
+            except Exception:  # noqa: BLE001
+                pass
+        return Finding(str(path), None, None, ".".join(str(k) for k in keys), message)
+
+    out: list[Finding] = []
+    kafka = settings.kafka
+    remote = [s for s in kafka.bootstrap_servers if not is_local(_host_of(s))]
+    if remote and kafka.security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT") \
+            and not kafka.allow_plaintext:
+        out.append(at(["kafka", "security_protocol"],
+                      f"Kafka at {', '.join(remote)} without TLS ({kafka.security_protocol}) is "
+                      f"refused: use SSL or SASL_SSL (with ssl_cafile for the plant's CA), or set "
+                      f"kafka.allow_plaintext: true to send in clear knowingly"))
+    for name, conn in settings.connections.items():
+        if conn.protocol == "mqtt" and not getattr(conn, "tls", None) \
+                and not getattr(conn, "allow_plaintext", False) and not is_local(conn.host):
+            out.append(at(["connections", name, "host"],
+                          f"MQTT broker {conn.host} without TLS is refused: configure tls (port "
+                          f"8883 by convention), or set allow_plaintext: true to read in clear "
+                          f"knowingly"))
     return out
 
 

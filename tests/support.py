@@ -280,6 +280,7 @@ kafka:
   bootstrap_servers: ["{bootstrap}"]
   topic_template: "{topic_template}"
   enable_idempotence: {"true" if real_kafka() else "false"}
+  allow_plaintext: {"true" if real_kafka() else "false"}  # a real test Kafka may be remote
   linger_ms: 5
   retry_min_s: 0.2
   retry_max_s: 1.0

@@ -51,11 +51,13 @@ kafka:
   sasl_mechanism: PLAIN
   sasl_username: edge
   sasl_password: hunter2
+  allow_plaintext: true
 connections:
   plant_mqtt:
     protocol: mqtt
     host: 10.1.2.3
     password: s3cret
+    allow_plaintext: true
   cell:
     protocol: opcua
     endpoint: opc.tcp://10.1.2.4:4840
@@ -71,7 +73,7 @@ health: {listen: "0.0.0.0:8311"}
     text = "\n".join(found)
     assert f"{path}:9:3 kafka.sasl_password: a secret in the config file in clear: set it in " \
            f"the environment (DIGISPINE_KAFKA__SASL_PASSWORD)" in text
-    assert f"{path}:14:5 connections.plant_mqtt.password: a secret" in text
+    assert f"{path}:15:5 connections.plant_mqtt.password: a secret" in text
     assert "Kafka at kafka1.central:9092 without TLS (SASL_PLAINTEXT): events and the SASL " \
            "password cross the network in clear; use SSL or SASL_SSL" in text
     assert "MQTT broker 10.1.2.3 without TLS: readings and the password cross" in text
@@ -87,6 +89,34 @@ health: {listen: "0.0.0.0:8311"}
     assert main(["validate", "--config", str(path)]) == 0
     err = capsys.readouterr().err
     assert err.count("warning: ") == 7 and "hunter2" not in err
+
+
+def test_clear_text_to_another_machine_is_refused_unless_allowed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "more").mkdir()
+    mappings = support.make_mappings(tmp_path / "more", "t", ["m1"])
+    path = tmp_path / "gw.yaml"
+    path.write_text(f"""\
+gateway: {{id: gw1}}
+mappings: {{directory: {mappings}}}
+buffer: {{directory: state}}
+kafka:
+  bootstrap_servers: ["kafka1.central:9092", "127.0.0.1:9092"]
+connections:
+  plant_mqtt: {{protocol: mqtt, host: broker.plant1.local}}
+  local_mqtt: {{protocol: mqtt, host: 127.0.0.1}}
+""")
+    assert main(["validate", "--config", str(path)]) == 78
+    err = capsys.readouterr().err
+    assert (f"error: {path}:4:1 kafka.security_protocol: Kafka at kafka1.central:9092 without "
+            f"TLS (PLAINTEXT) is refused: use SSL or SASL_SSL") in err
+    assert (f"error: {path}:7:32 connections.plant_mqtt.host: MQTT broker broker.plant1.local "
+            f"without TLS is refused") in err
+    assert "local_mqtt" not in err and "2 errors" in err
+    path.write_text(path.read_text().replace(
+        '"127.0.0.1:9092"]', '"127.0.0.1:9092"]\n  security_protocol: SSL').replace(
+        "host: broker.plant1.local}", "host: broker.plant1.local, tls: true}"))
+    assert main(["validate", "--config", str(path)]) == 0
 
 
 def test_a_secret_never_leaves_memory(tmp_path: Path, mqtt_port: int, kafka_bootstrap: str,

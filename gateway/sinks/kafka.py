@@ -197,7 +197,11 @@ class KafkaConfig(Strict):
     client_id: str | None = None
     """Kafka client id; default ``digispine-gateway-<gateway id>``."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    """How to talk to the brokers."""
+    """How to talk to the brokers. ``PLAINTEXT``/``SASL_PLAINTEXT`` to brokers that are not on
+    this machine are refused unless ``allow_plaintext`` is true: use ``SSL`` or ``SASL_SSL``."""
+    allow_plaintext: bool = False
+    """Accept ``PLAINTEXT``/``SASL_PLAINTEXT`` to brokers on other machines (events, and a
+    SASL password, cross the network in clear); still warned about at every start."""
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     """SASL mechanism when ``security_protocol`` is SASL_*."""
     sasl_username: str | None = None

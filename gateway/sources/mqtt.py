@@ -269,7 +269,11 @@ class MqttConnectionConfig(Strict):
     tls: MqttTlsConfig | None = Field(default=None, json_schema_extra=_tls_schema)
     """TLS settings (``ca_file``, ``cert_file``, ``key_file``, ``key_password``,
     ``insecure_skip_verify``, ``server_name``, ``min_version``; see ``docs/mqtt.md``), or
-    ``true`` for TLS with the system's CAs; omitted, null or ``false``: plain TCP."""
+    ``true`` for TLS with the system's CAs; omitted, null or ``false``: plain TCP, which to
+    a broker not on this machine needs ``allow_plaintext: true``."""
+    allow_plaintext: bool = False
+    """Accept plain TCP to a broker on another machine (readings, and the password, cross the
+    network in clear); still warned about at every start."""
     sparkplug_host_id: str | None = Field(default=None, examples=["digispine-edge-demo-01"])
     """Sparkplug B only (signals with a ``sparkplug`` block): the host application id. With it
     the gateway publishes its STATE on ``spBv1.0/STATE/<id>`` (QoS 1, retained; online after

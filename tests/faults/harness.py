@@ -78,6 +78,7 @@ def write_fault_config(path: Path, *, mqtt_port: int, bootstrap: str, prefix: st
         "kafka": {
             "bootstrap_servers": [bootstrap], "topic_template": f"{prefix}.{{type}}",
             "enable_idempotence": support.real_kafka(), "linger_ms": 5,
+            "allow_plaintext": support.real_kafka(),
             "retry_min_s": 0.2, "retry_max_s": 1.0, "request_timeout_ms": 5000,
             "catalog_publish": False,  # catalog entries would share the buffer too
             **(kafka or {})},
