@@ -48,14 +48,10 @@ lint: $(STAMP) dockerlint
 	$(VENV)/bin/ruff check gateway tests bench
 	$(VENV)/bin/mypy
 
-# Benchmarks print figures (ratios within one run); bench_durability without --quick takes ~11 min.
+# Benchmarks (docs/performance.md): every scenario in its own process, one table against the
+# targets, JSON in bench/results/. --quick takes ~5 min; `$(PY) -m bench` (3 full runs) ~25 min.
 bench: $(STAMP) brokers
-	$(PY) -m bench.bench_e2e
-	$(PY) bench/bench_buffer.py
-	$(PY) -m bench.bench_mapping --quick
-	$(PY) -m bench.bench_durability --quick
-	$(PY) -m bench.bench_opcua --quick
-	$(PY) -m bench.bench_modbus --quick
+	$(PY) -m bench --quick
 
 validate: $(STAMP)
 	$(VENV)/bin/digispine-gateway validate

@@ -107,6 +107,8 @@ def sample_rates(gw: support.GatewayProcess, counters: list[str], n: int) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--json-out", type=Path,
+                        help="also write the printed figures to this file (JSON)")
     args = parser.parse_args()
     n = args.messages
     prefix = support.unique_topic_prefix()
@@ -137,6 +139,12 @@ def main() -> None:
     print(f"gateway wall time incl. start-up          {total_s:10.1f} s")
     print(f"records read back from Kafka              {len(records)} ({distinct} distinct, "
           f"{n - distinct} lost, {len(records) - distinct} duplicates)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({
+            "messages": n, "bare_paho_msg_s": bare, "ingest_events_s": ingest,
+            "ingest_vs_bare": ingest / bare if bare else None, "forwarded_events_s": forwarded,
+            "wall_s": total_s, "records": len(records), "distinct": distinct,
+            "lost": n - distinct, "duplicates": len(records) - distinct}, indent=1))
 
 
 if __name__ == "__main__":

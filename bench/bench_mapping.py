@@ -948,6 +948,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a smoke run in seconds: 50 assets, 50,000 readings")
     parser.add_argument("--profile", nargs="?", const="c", choices=("a", "b", "c"),
                         help="also print a cProfile of one pass of a mix (default: c)")
+    parser.add_argument("--json-out", type=Path,
+                        help="also write the printed figures to this file (JSON)")
     args = parser.parse_args(argv)
     assets = args.assets if args.assets is not None else (50 if args.quick else 1000)
     readings = args.readings if args.readings is not None else (
@@ -993,6 +995,14 @@ def main(argv: list[str] | None = None) -> int:
     rate = figures[0].signals_per_s
     print(f"target >= {TARGET:,} signals/s for the on_change/transition mix: {rate:,.0f} "
           f"({'met' if rate >= TARGET else 'MISSED'}, {rate / TARGET:.2f}x)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({
+            "assets": assets, "signals_per_asset": args.signals, "readings": readings,
+            "passes": passes, "target_signals_s": TARGET, "mixes": [
+                {"name": f.name, "readings": f.readings, "events": f.events,
+                 "signals_per_cpu_s": f.signals_per_s, "signals_per_wall_s": f.readings / f.wall,
+                 "events_per_cpu_s": f.events_per_s, "events_per_reading": f.events / f.readings,
+                 "vs_a": f.signals_per_s / rate} for f in figures]}, indent=1))
 
     if args.profile == "a":
         profile("a", mapper, files, flat_a)

@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=CLIENTS, help="cProfile this client's window")
     parser.add_argument("--worker", choices=CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", type=Path,
+                        help="also write the printed figures to this file (JSON)")
     args = parser.parse_args(argv)
     args.duration = args.duration if args.duration is not None else (5.0 if args.quick else 20.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
@@ -461,6 +463,23 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         print_table(results, server, needed, len(addrs), args.poll_ms)
         print(f"load average (1 min) after each client: {', '.join(loads)}")
+        if args.json_out:
+            rows = []
+            for r in results:
+                srv_rps, srv_cpu = server.window(*r["mono"])
+                rows.append({**{k: v for k, v in r.items() if k != "profile"},
+                             "title": TITLES[r["name"]],
+                             "requests_s": r["requests"] / r["window_s"],
+                             "registers_s": r["registers"] / r["window_s"],
+                             "signals_s": r["signals"] / r["window_s"],
+                             "rss_peak_mib": r["rss_peak_kb"] / 1024,
+                             "server_requests_s": srv_rps, "server_cpu": srv_cpu})
+            args.json_out.write_text(json.dumps({
+                "signals": len(addrs), "units": args.units, "per_unit": args.per_unit,
+                "poll_ms": args.poll_ms, "duration_s": args.duration,
+                "requests_per_cycle_before": len(addrs), "requests_per_cycle_after": len(requests),
+                "requests_needed_s": needed, "registers_per_cycle": registers,
+                "registers_asked_per_cycle": asked, "loads": loads, "clients": rows}, indent=1))
     finally:
         server.stop()
     return 0

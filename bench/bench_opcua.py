@@ -496,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=CLIENTS, help="cProfile this client's window")
     parser.add_argument("--worker", choices=CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", type=Path,
+                        help="also write the printed figures to this file (JSON)")
     args = parser.parse_args(argv)
     args.items = args.items if args.items is not None else (2000 if args.quick else 10_000)
     args.duration = args.duration if args.duration is not None else (5.0 if args.quick else 20.0)
@@ -530,6 +532,22 @@ def main(argv: list[str] | None = None) -> int:
         print_table(results, server)
         print(f"load average (1 min) after each client: {', '.join(loads)}; "
               f"server CPU while building: {server.build_s:.1f} s")
+        if args.json_out:
+            rows = []
+            for r in results:
+                writes, srv_cpu = server.window(*r["mono"])
+                rows.append({**{k: v for k, v in r.items() if k != "profile"},
+                             "title": TITLES[r["name"]],
+                             "changes_s": r["changes"] / r["window_s"],
+                             "per_cpu_s": r["changes"] / max(r["cpu_s"], 1e-9),
+                             "rss_peak_mib": r["rss_peak_kb"] / 1024,
+                             "rss_growth_mib": (r["rss_peak_kb"] - r["rss_base_kb"]) / 1024,
+                             "server_writes_s": writes, "server_cpu": srv_cpu})
+            args.json_out.write_text(json.dumps({
+                "items": args.items, "period_ms": args.period_ms,
+                "publishing_ms": args.publishing_ms, "duration_s": args.duration,
+                "rounds": args.rounds, "server_build_s": server.build_s, "loads": loads,
+                "clients": rows}, indent=1))
     finally:
         server.stop()
     return 0
