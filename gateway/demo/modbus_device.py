@@ -40,17 +40,16 @@ Run it on its own (Ctrl-C stops)::
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import math
 import random
 import signal
 import struct
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from gateway.demo.threaded import ThreadedDevice
 
 UNIT = 1
 """The unit id the device answers to."""
@@ -62,7 +61,6 @@ UINT32_WRAP = 2**32
 HOLDING_REGISTERS = 8
 """Holding registers 0..7 exist."""
 FILM_LOW_PCT = 15.0
-START_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,26 +192,21 @@ def _pack_bits(bits: Sequence[bool]) -> int:
     return sum(1 << i for i, bit in enumerate(bits) if bit)
 
 
-class PackagingDevice:
+class PackagingDevice(ThreadedDevice):
     """Serves the simulated packaging machine over Modbus TCP on its own thread (and event
     loop). ``start`` returns once it listens (or raises why it cannot); ``stop`` ends it."""
+
+    kind = "the Modbus device"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 5020, *, interval_s: float = 1.0,
                  seed: int | None = None, packs_produced: int | None = None,
                  state: str | None = None) -> None:
-        if interval_s <= 0:
-            raise ValueError("interval_s must be positive")
+        super().__init__(interval_s)
         self.host = host
         self.port = port
-        self.interval_s = interval_s
         self.model = PackagingModel(random.Random(seed), packs_produced, state)
         self._lock = threading.Lock()
         self._image = self.model.image()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
 
     @property
     def where(self) -> str:
@@ -232,43 +225,7 @@ class PackagingDevice:
             self.model.step(seconds)
             self._image = self.model.image()
 
-    def start(self) -> None:
-        """Start serving; raises RuntimeError when the device does not come up."""
-        if self._thread is not None:
-            return
-        self._ready.clear()
-        self._error = None
-        self._thread = threading.Thread(target=self._main, name="modbus-packaging-device",
-                                        daemon=True)
-        self._thread.start()
-        if not self._ready.wait(START_TIMEOUT_S):
-            raise RuntimeError(f"the Modbus device did not start within {START_TIMEOUT_S:g} s")
-        if self._error is not None:
-            thread, self._thread = self._thread, None
-            thread.join(timeout=5)
-            raise RuntimeError(f"the Modbus device cannot serve {self.where}: "
-                               f"{self._error}") from self._error
-
-    def stop(self) -> None:
-        """Stop serving (within a second or two)."""
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already ended
-                loop.call_soon_threadsafe(stopping.set)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
     # -- internals ----------------------------------------------------------------------------
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._error = exc
-        finally:
-            self._loop = None
-            self._ready.set()
 
     async def _serve(self) -> None:
         from pymodbus.server import ModbusTcpServer
@@ -282,22 +239,9 @@ class PackagingDevice:
             [SimData(0, count=1, values=0, datatype=DataType.REGISTERS, readonly=True)],
         ), action=self._action)
         server: Any = ModbusTcpServer(device, address=(self.host, self.port))
-        self._stopping = asyncio.Event()
         await server.serve_forever(background=True)
         try:
-            self._loop = asyncio.get_running_loop()
-            self._ready.set()
-            next_tick = time.monotonic() + self.interval_s
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(),
-                                           max(0.0, next_tick - time.monotonic()))
-                if self._stopping.is_set():
-                    break
-                next_tick += self.interval_s
-                if next_tick < time.monotonic():  # fell behind: skip ahead
-                    next_tick = time.monotonic() + self.interval_s
-                self.advance(self.interval_s)
+            await self._serving(self.advance)
         finally:
             await server.shutdown()
 

@@ -55,11 +55,12 @@ import random
 import signal
 import socket
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+from gateway.demo.threaded import ThreadedDevice
 
 NAMESPACE_URI = "urn:acme:plant1:machining"
 """The namespace of the machines' nodes."""
@@ -74,7 +75,6 @@ SPINDLE_RANGE_RPM = (0.0, 24_000.0)
 UINT32_WRAP = 2**32
 
 CERT_DAYS = 3650
-START_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,11 +226,13 @@ def _certificates_in(directory: Path) -> set[bytes]:
 # --- the server -------------------------------------------------------------------------------
 
 
-class MachiningServer:
+class MachiningServer(ThreadedDevice):
     """Serves the simulated CNC machines over OPC UA on its own thread (and event loop).
 
     ``start`` returns once the server listens (or raises why it cannot); ``stop`` ends it.
     """
+
+    kind = "the OPC UA server"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 4840, *, pki_dir: Path,
                  interval_s: float = 1.0, seed: int | None = None,
@@ -238,11 +240,9 @@ class MachiningServer:
                  trusted_client_dir: Path | None = None,
                  part_counts: Mapping[str, int] | None = None,
                  states: Mapping[str, str] | None = None) -> None:
-        if interval_s <= 0:
-            raise ValueError("interval_s must be positive")
+        super().__init__(interval_s)
         self.host = host
         self.port = port
-        self.interval_s = interval_s
         self.pki_dir = pki_dir
         self.trusted_client_dir = trusted_client_dir
         self.machines = tuple(machines)
@@ -256,43 +256,11 @@ class MachiningServer:
         """The server's certificate (DER): what a client puts into its trust list."""
         self.private_key = pki_dir / "server_key.pem"
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
         self._advance: list[float] = []
 
     @property
     def endpoint(self) -> str:
         return f"opc.tcp://{self.host}:{self.port}"
-
-    def start(self) -> None:
-        """Start serving; raises RuntimeError when the server does not come up."""
-        if self._thread is not None:
-            return
-        self._ready.clear()
-        self._error = None
-        self._thread = threading.Thread(target=self._main, name="opcua-machining-server",
-                                        daemon=True)
-        self._thread.start()
-        if not self._ready.wait(START_TIMEOUT_S):
-            raise RuntimeError(f"the OPC UA server did not start within {START_TIMEOUT_S:g} s")
-        if self._error is not None:
-            thread, self._thread = self._thread, None
-            thread.join(timeout=5)
-            raise RuntimeError(f"the OPC UA server cannot serve {self.endpoint}: "
-                               f"{self._error}") from self._error
-
-    def stop(self) -> None:
-        """Stop serving (within a few seconds)."""
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already ended
-                loop.call_soon_threadsafe(stopping.set)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
 
     def advance(self, seconds: float) -> None:
         """Advance the machines by ``seconds`` of simulated time now and publish the values
@@ -304,15 +272,6 @@ class MachiningServer:
         future.result(timeout=10)
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._error = exc
-        finally:
-            self._loop = None
-            self._ready.set()
 
     async def _serve(self) -> None:
         ua = _mod("asyncua.ua")
@@ -330,22 +289,9 @@ class MachiningServer:
             server.set_certificate_validator(self._validate_client)
         self._nodes = await self._build(server)
         self._server = server
-        self._stopping = asyncio.Event()
         await self._tick(0.0)
         async with server:
-            self._loop = asyncio.get_running_loop()
-            self._ready.set()
-            next_tick = time.monotonic() + self.interval_s
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(),
-                                           max(0.0, next_tick - time.monotonic()))
-                if self._stopping.is_set():
-                    break
-                next_tick += self.interval_s
-                if next_tick < time.monotonic():  # fell behind: skip ahead
-                    next_tick = time.monotonic() + self.interval_s
-                await self._tick(self.interval_s)
+            await self._serving(self._tick)
 
     async def _build(self, server: Any) -> dict[tuple[str, str], tuple[Any, Any]]:
         """The address space; returns (machine, variable) -> (node id, variant type)."""
