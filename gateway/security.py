@@ -161,6 +161,8 @@ def _loose_files(settings: GatewaySettings) -> list[Finding]:
         key_file = getattr(tls, "key_file", None)
         if key_file:
             candidates.append(Path(key_file))
+    if settings.kafka.ssl_keyfile:
+        candidates.append(Path(settings.kafka.ssl_keyfile))
     folder = os.environ.get("CREDENTIALS_DIRECTORY") or os.environ.get("DIGISPINE_SECRETS_DIR")
     if folder and Path(folder).is_dir():
         candidates += [p for p in Path(folder).iterdir() if p.is_file()]

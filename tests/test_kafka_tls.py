@@ -123,3 +123,47 @@ async def test_an_untrusted_broker_certificate_keeps_events_buffered(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await buf.close()
+
+
+async def test_mutual_tls_with_the_gateways_client_certificate(tmp_path: Path, pki: Pki) -> None:
+    """A broker listener that requires a client certificate: the gateway presents its own
+    (ssl_certfile/ssl_keyfile) and delivers; without one the link fails and events stay."""
+    prefix = support.unique_topic_prefix()
+    with support.tansu_behind_tls(server_context(pki, require_client=True)) as bootstrap:
+        buf = DiskBuffer(BufferConfig(directory=tmp_path / "a", sync="normal"), Metrics())
+        await buf.open()
+        await buf.append(events(20))
+        fwd = KafkaForwarder(config(bootstrap, prefix, security_protocol="SSL",
+                                    ssl_cafile=str(pki.ca), ssl_certfile=str(pki.client_cert),
+                                    ssl_keyfile=str(pki.client_key)), buf, "gw1", Metrics())
+        task = asyncio.create_task(fwd.run())
+        try:
+            await until(lambda: buf.pending_events == 0)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await buf.close()
+
+        anonymous = DiskBuffer(BufferConfig(directory=tmp_path / "b", sync="normal"), Metrics())
+        await anonymous.open()
+        await anonymous.append(events(3))
+        metrics = Metrics()
+        fwd = KafkaForwarder(config(bootstrap, prefix, security_protocol="SSL",
+                                    ssl_cafile=str(pki.ca)), anonymous, "gw1", metrics)
+        task = asyncio.create_task(fwd.run())
+        try:
+            await until(lambda: metrics.total("kafka_send_errors_total") >= 1)
+            assert anonymous.pending_events == 3 and not fwd.connected
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await anonymous.close()
+
+
+def test_client_certificate_settings_are_checked_at_load(pki: Pki) -> None:
+    with pytest.raises(ValueError, match=r"ssl_certfile /nowhere/cert\.pem does not exist"):
+        KafkaConfig(security_protocol="SSL", ssl_certfile="/nowhere/cert.pem")
+    with pytest.raises(ValueError, match="apply to security_protocol SSL or SASL_SSL"):
+        KafkaConfig(ssl_cafile=str(pki.ca))
+    with pytest.raises(ValueError, match="ssl_keyfile needs ssl_certfile"):
+        KafkaConfig(security_protocol="SSL", ssl_keyfile=str(pki.client_key))

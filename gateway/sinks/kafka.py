@@ -117,6 +117,7 @@ import logging
 import os
 import random
 import re
+import ssl
 import string
 import time
 from collections.abc import Iterable, Sequence
@@ -209,7 +210,15 @@ class KafkaConfig(Strict):
     sasl_password: SecretStr | None = None
     """SASL password; from the environment or a credentials file."""
     ssl_cafile: str | None = None
-    """CA bundle for SSL."""
+    """CA bundle (PEM) that issued the brokers' certificates (SSL, SASL_SSL); default: the
+    operating system's trusted CAs."""
+    ssl_certfile: str | None = None
+    """The gateway's client certificate (PEM), for brokers that authenticate clients by
+    certificate (mutual TLS); may hold the key too."""
+    ssl_keyfile: str | None = None
+    """The private key (PEM) of ``ssl_certfile``, unless that file holds it."""
+    ssl_password: SecretStr | None = None
+    """Password of an encrypted ``ssl_keyfile``; from the environment or a credentials file."""
     max_record_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest Kafka record sent: its size as a batch of one, before compression (aiokafka's
     upper-bound estimate; also aiokafka's ``max_request_size``). Keep it at or below the topics'
@@ -265,6 +274,17 @@ class KafkaConfig(Strict):
                 self.sasl_username is None or self.sasl_password is None):
             raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username "
                              "and sasl_password")
+        files = {k: getattr(self, k) for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+                 if getattr(self, k)}
+        if files and self.security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(f"{', '.join(files)} apply to security_protocol SSL or SASL_SSL, "
+                             f"not {self.security_protocol}")
+        for key, name in files.items():
+            if not os.access(name, os.R_OK):
+                raise ValueError(f"{key} {name} does not exist or cannot be read (use an "
+                                 f"absolute path)")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile needs ssl_certfile (the certificate it belongs to)")
         return self
 
 
@@ -691,7 +711,9 @@ class KafkaForwarder:
             "security_protocol": c.security_protocol,
         }
         if c.security_protocol in ("SSL", "SASL_SSL"):
-            options["ssl_context"] = create_ssl_context(cafile=c.ssl_cafile)
+            options["ssl_context"] = create_ssl_context(
+                cafile=c.ssl_cafile, certfile=c.ssl_certfile, keyfile=c.ssl_keyfile,
+                password=c.ssl_password.get_secret_value() if c.ssl_password else None)
         if c.security_protocol.startswith("SASL"):
             options["sasl_mechanism"] = c.sasl_mechanism or "PLAIN"
             options["sasl_plain_username"] = c.sasl_username
@@ -702,7 +724,13 @@ class KafkaForwarder:
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is not None:
             return self._producer
-        producer = self._new_producer()
+        try:
+            producer = self._new_producer()
+        except (ssl.SSLError, OSError) as exc:  # a key that does not match, a wrong password
+            self._metrics.inc("kafka_send_errors_total", stage="connect")
+            raise SinkUnavailable(
+                f"cannot set up TLS with ssl_certfile/ssl_keyfile: {exc} (check that the key "
+                f"belongs to the certificate and ssl_password)") from exc
         try:
             async with asyncio.timeout(self._config.request_timeout_ms / 1000):
                 await producer.start()
