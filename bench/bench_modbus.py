@@ -54,10 +54,11 @@ import pstats
 import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.serverproc import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -284,58 +285,16 @@ def worker(args: argparse.Namespace) -> int:
 # --- the parent: server, clients, table -------------------------------------------------------
 
 
-class Server:
-    """The server subprocess and its STATS lines."""
+class Server(ServerProcess):
+    """The Modbus server subprocess (STATS: time, requests, registers, CPU s)."""
 
     def __init__(self, units: int, registers: int) -> None:
         from gateway.localbrokers import free_port
 
         self.port = free_port()
-        self.stats: list[tuple[float, int, int, float]] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.modbus_bench_server", "--port", str(self.port),
-             "--units", str(units), "--registers", str(registers)],
-            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("READY"):
-            self.stop()
-            raise RuntimeError(f"the Modbus server did not start: {line!r}")
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            parts = line.split()
-            if parts and parts[0] == "STATS":
-                self.stats.append((float(parts[1]), int(parts[2]), int(parts[3]), float(parts[4])))
-
-    def window(self, m0: float, m1: float) -> tuple[float, float]:
-        """(count/s, CPU share of one core) of the server between two monotonic times, its
-        cumulative counters interpolated linearly between the STATS samples (one a second)."""
-        stats = list(self.stats)
-        if len(stats) < 2 or m1 <= m0:
-            return 0.0, 0.0
-
-        def at(m: float, column: int) -> float:
-            before = max((s for s in stats if s[0] <= m), default=stats[0], key=lambda s: s[0])
-            after = min((s for s in stats if s[0] >= m), default=stats[-1], key=lambda s: s[0])
-            if after[0] <= before[0]:
-                return float(before[column])
-            share = (m - before[0]) / (after[0] - before[0])
-            return float(before[column] + share * (after[column] - before[column]))
-
-        return ((at(m1, 1) - at(m0, 1)) / (m1 - m0),
-                (at(m1, 3) - at(m0, 3)) / (m1 - m0))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__("bench.modbus_bench_server",
+                         ["--port", str(self.port), "--units", str(units),
+                          "--registers", str(registers)], "the Modbus server", cpu_column=3)
 
 
 def run_client(name: str, args: argparse.Namespace, port: int) -> dict[str, Any]:

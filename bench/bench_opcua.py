@@ -64,11 +64,12 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.serverproc import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -349,62 +350,19 @@ def worker(args: argparse.Namespace) -> int:
 # --- the parent: server, clients, table -------------------------------------------------------
 
 
-class Server:
-    """The server subprocess and its STATS lines."""
+class Server(ServerProcess):
+    """The OPC UA server subprocess (READY with its build time; STATS: time, writes, CPU s)."""
 
     def __init__(self, items: int, period_ms: float, folder_size: int) -> None:
         from gateway.localbrokers import free_port
 
         self.port = free_port()
         self.endpoint = f"opc.tcp://127.0.0.1:{self.port}/"
-        self.stats: list[tuple[float, int, float]] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.opcua_bench_server", "--port", str(self.port),
-             "--items", str(items), "--period-ms", str(period_ms),
-             "--folder-size", str(folder_size)],
-            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("READY"):
-            self.stop()
-            raise RuntimeError(f"the OPC UA server did not start: {line!r}")
-        self.build_s = float(line.split()[2])
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            parts = line.split()
-            if parts and parts[0] == "STATS":
-                self.stats.append((float(parts[1]), int(parts[2]), float(parts[3])))
-
-    def window(self, m0: float, m1: float) -> tuple[float, float]:
-        """(count/s, CPU share of one core) of the server between two monotonic times, its
-        cumulative counters interpolated linearly between the STATS samples (one a second)."""
-        stats = list(self.stats)
-        if len(stats) < 2 or m1 <= m0:
-            return 0.0, 0.0
-
-        def at(m: float, column: int) -> float:
-            before = max((s for s in stats if s[0] <= m), default=stats[0], key=lambda s: s[0])
-            after = min((s for s in stats if s[0] >= m), default=stats[-1], key=lambda s: s[0])
-            if after[0] <= before[0]:
-                return float(before[column])
-            share = (m - before[0]) / (after[0] - before[0])
-            return float(before[column] + share * (after[column] - before[column]))
-
-        return ((at(m1, 1) - at(m0, 1)) / (m1 - m0),
-                (at(m1, 2) - at(m0, 2)) / (m1 - m0))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__("bench.opcua_bench_server",
+                         ["--port", str(self.port), "--items", str(items),
+                          "--period-ms", str(period_ms), "--folder-size", str(folder_size)],
+                         "the OPC UA server", cpu_column=2)
+        self.build_s = float(self.ready_line.split()[2])
 
 
 def run_client(name: str, args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
