@@ -321,3 +321,19 @@ def test_validate_and_test_pass_on_the_examples(command: list[str]) -> None:
     elif command == ["validate", "--plan"]:
         assert "unit 1 holding registers 0..7 (8)" in proc.stdout
         assert "u1/hr/4:float32:CDAB" in proc.stdout
+
+
+def test_a_device_that_cannot_listen_says_where(tmp_path: Path) -> None:
+    """A port in use: start() raises one line naming the device and its address."""
+    import socket
+
+    from gateway.demo.opcua_server import MachiningServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = MachiningServer(port=port, pki_dir=tmp_path / "pki", interval_s=1.0)
+        with pytest.raises(RuntimeError, match=f"the OPC UA server cannot serve "
+                                               f"opc.tcp://127.0.0.1:{port}: "):
+            server.start()

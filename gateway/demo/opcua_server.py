@@ -262,6 +262,10 @@ class MachiningServer(ThreadedDevice):
     def endpoint(self) -> str:
         return f"opc.tcp://{self.host}:{self.port}"
 
+    @property
+    def where(self) -> str:
+        return self.endpoint
+
     def advance(self, seconds: float) -> None:
         """Advance the machines by ``seconds`` of simulated time now and publish the values
         (for tests; the server ticks every ``interval_s`` by itself)."""

@@ -8,6 +8,7 @@ or raises RuntimeError saying why it cannot.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import threading
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable
 START_TIMEOUT_S = 30.0
 
 
-class ThreadedDevice:
+class ThreadedDevice(abc.ABC):
     kind = "device"
     """What the device is, for messages (``the OPC UA server``)."""
 
@@ -32,8 +33,9 @@ class ThreadedDevice:
         self._error: BaseException | None = None
 
     @property
+    @abc.abstractmethod
     def where(self) -> str:
-        raise NotImplementedError
+        """Where the device listens, for messages."""
 
     def start(self) -> None:
         """Start serving; raises RuntimeError when the device does not come up."""
@@ -71,8 +73,9 @@ class ThreadedDevice:
             self._loop = None
             self._ready.set()
 
+    @abc.abstractmethod
     async def _serve(self) -> None:
-        raise NotImplementedError
+        """Listen, run :meth:`_serving`, shut down."""
 
     async def _serving(self, tick: Callable[[float], Awaitable[None] | None]) -> None:
         """Ready: call ``tick(interval_s)`` every ``interval_s`` (skipping ahead when behind)
