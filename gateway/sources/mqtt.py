@@ -1213,6 +1213,7 @@ class _Link:
                       topics=len(src.subscriptions))
         if cfg.session == "persistent":
             if src._had_session and not session_present:
+                src._metrics.inc("mqtt_sessions_lost_total", connection=src.name)
                 src._log.warning(
                     "mqtt.session_lost", broker=src.where, client_id=src.client_id,
                     hint="the broker had no session for this client id: messages published "
