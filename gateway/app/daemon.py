@@ -114,7 +114,7 @@ class Daemon:
                            "Empty windows not emitted beyond the 1000 after a gap")
         self.started = time.time()
         self._config_sha256 = status.config_hash(settings)
-        self._mappings = status.mappings_summary(mapping_files)
+        self._mappings = status.mappings_summary(self.mapper)
         self._status_events: list[DomainEvent] = []
         self._status_wake = asyncio.Event()
         self._kafka_down_since: float | None = self.started
@@ -204,7 +204,7 @@ class Daemon:
                 files = load_mappings(self.settings.mappings.directory, protocols)
                 mapper = Mapper(files, self.settings.gateway.id)
                 mapper.state_fingerprints()  # hashes every definition: here, not on the loop
-                return files, mapper, status.mappings_summary(files)
+                return files, mapper, status.mappings_summary(mapper)
 
             try:  # off the event loop: a thousand files must not stall the sources
                 files, mapper, summary = await asyncio.to_thread(prepare)

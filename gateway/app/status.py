@@ -36,7 +36,7 @@ from gateway import __version__
 from gateway.model import DomainEvent, encode_json, event_id, rfc3339
 
 if TYPE_CHECKING:
-    from gateway.mapping.loader import MappingFile
+    from gateway.mapping.engine import Mapper
     from gateway.settings import GatewaySettings
 
 HEARTBEAT_TYPE = "gateway.Heartbeat.v1"
@@ -66,16 +66,13 @@ def config_hash(settings: GatewaySettings) -> str:
     return hashlib.sha256(encode_json(dumped)).hexdigest()
 
 
-def mappings_summary(files: Sequence[MappingFile]) -> dict[str, Any]:
-    """Count and one SHA-256 over the mapping files' names and contents (in name order)."""
+def mappings_summary(mapper: Mapper) -> dict[str, Any]:
+    """Counts, and one SHA-256 over the mapping files' names and ``mappinghash`` values (the
+    hashes the Mapper took of their bytes when it loaded them: no file is read again)."""
+    files = mapper.files
     digest = hashlib.sha256()
-    for f in sorted(files, key=lambda f: str(f.path)):
-        digest.update(f.path.name.encode() + b"\0")
-        try:
-            digest.update(f.path.read_bytes())
-        except OSError:
-            digest.update(b"<unreadable>")
-        digest.update(b"\0")
+    for name, file_hash in sorted(mapper.mapping_hashes.items()):
+        digest.update(f"{name}\0{file_hash}\0".encode())
     return {
         "files": len(files),
         "signals": sum(len(f.spec.signals) for f in files),
