@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,8 @@ def _host_of(server: str) -> str:
     return host or server
 
 
-def config_warnings(settings: GatewaySettings, path: Path) -> list[Finding]:
-    """Everything about ``settings`` (read from ``path``) that is not secure by default."""
+def _locator(path: Path) -> tuple[Any, Callable[[Sequence[str | int], str], Finding]]:
+    """The config file's data, and a function making a finding located at a key of it."""
     try:
         data, located = yamlfile.load(path)
     except Exception:  # noqa: BLE001 - load_settings read it already; positions are a bonus
@@ -62,6 +62,12 @@ def config_warnings(settings: GatewaySettings, path: Path) -> list[Finding]:
                 pass
         return Finding(str(path), None, None, ".".join(str(k) for k in keys), message)
 
+    return data, at
+
+
+def config_warnings(settings: GatewaySettings, path: Path) -> list[Finding]:
+    """Everything about ``settings`` (read from ``path``) that is not secure by default."""
+    data, at = _locator(path)
     out: list[Finding] = []
     for keys in _secret_paths(data):
         env = "DIGISPINE_" + "__".join(str(k).upper() for k in keys)
@@ -101,19 +107,7 @@ def config_warnings(settings: GatewaySettings, path: Path) -> list[Finding]:
 def plaintext_errors(settings: GatewaySettings, path: Path) -> list[Finding]:
     """Links that would carry data in clear to another machine without the configuration
     saying so (``allow_plaintext: true``): errors, located, for ``validate`` and ``run``."""
-    try:
-        _, located = yamlfile.load(path)
-    except Exception:  # noqa: BLE001 - load_settings read it already; positions are a bonus
-        located = None
-
-    def at(keys: Sequence[str | int], message: str) -> Finding:
-        if located is not None:
-            try:
-                return located.finding(list(keys), message)
-            except Exception:  # noqa: BLE001
-                pass
-        return Finding(str(path), None, None, ".".join(str(k) for k in keys), message)
-
+    _, at = _locator(path)
     out: list[Finding] = []
     kafka = settings.kafka
     remote = [s for s in kafka.bootstrap_servers if not is_local(_host_of(s))]

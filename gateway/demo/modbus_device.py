@@ -42,14 +42,13 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import signal
 import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from gateway.demo.threaded import ThreadedDevice
+from gateway.demo.threaded import ThreadedDevice, wait_for_interrupt
 
 UNIT = 1
 """The unit id the device answers to."""
@@ -273,15 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.interval_s <= 0:
         parser.error("--interval-s must be positive")
     device = PackagingDevice(args.host, args.port, interval_s=args.interval_s, seed=args.seed)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
     device.start()
     print(f"modbus device: pack01 (unit {UNIT}) at {device.where} (Ctrl-C stops)", flush=True)
     try:
-        while not done.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
+        wait_for_interrupt()
     finally:
         device.stop()
     return 0

@@ -52,7 +52,6 @@ import logging
 import math
 import os
 import random
-import signal
 import socket
 import threading
 from collections.abc import Mapping, Sequence
@@ -60,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from gateway.demo.threaded import ThreadedDevice
+from gateway.demo.threaded import ThreadedDevice, wait_for_interrupt
 
 NAMESPACE_URI = "urn:acme:plant1:machining"
 """The namespace of the machines' nodes."""
@@ -378,17 +377,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = MachiningServer(args.host, args.port, pki_dir=args.pki_dir,
                              interval_s=args.interval_s, seed=args.seed,
                              trusted_client_dir=args.trusted_client_dir)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
     server.start()
     names = ", ".join(m.name for m in server.machines)
     print(f"opcua server: {names} at {server.endpoint} (namespace {NAMESPACE_URI}, "
           f"Basic256Sha256; certificate {server.certificate}; Ctrl-C stops)", flush=True)
     try:
-        while not done.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
+        wait_for_interrupt()
     finally:
         server.stop()
     return 0

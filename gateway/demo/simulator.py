@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import random
-import signal
 import threading
 import time
 import uuid
@@ -53,6 +52,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.demo.sparkplug_node import DEVICES, AssemblyEdgeNode
+from gateway.demo.threaded import wait_for_interrupt
 
 QOS = 1
 CONNECT_WAIT_S = 10.0
@@ -377,8 +377,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--interval-s must be positive")
     simulator = ShopFloorSimulator(args.host, args.port, interval_s=args.interval_s,
                                    seed=args.seed)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
     names = ", ".join(m.name for m in simulator.machines)
     node = simulator.edge_node
     sparkplug = ("" if node is None else f"; Sparkplug B edge node {node.group}/{node.edge_node} "
@@ -387,10 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{sparkplug} (Ctrl-C stops)", flush=True)
     simulator.start()
     try:
-        while not done.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
+        wait_for_interrupt()
     finally:
         simulator.stop()
     print(f"simulator: stopped after {simulator.messages_published} messages", flush=True)

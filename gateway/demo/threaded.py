@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -96,3 +97,14 @@ class ThreadedDevice(abc.ABC):
             result = tick(self.interval_s)
             if result is not None:
                 await result
+
+
+def wait_for_interrupt() -> None:
+    """For the devices' command lines: block until Ctrl-C or SIGTERM."""
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
